@@ -1,0 +1,400 @@
+"""Benchmark configuration: the TOML schema, profiles, ``--set`` overrides and validation.
+
+``load_config(path, profile, sets)`` reads a TOML file, deep-merges the chosen
+``[profiles.NAME]`` table over the base, applies ``--set a.b=value`` overrides,
+and validates the result into a typed :class:`Config`. Plugin parameter tables
+(``tasks.*.params``, ``strategies.*.params``, ``data.<source>``, heads) are
+validated against the plugin's own ``Params`` model by :func:`resolve_plugins`.
+Every error is a :class:`ConfigError` whose message is one line naming the file
+and the key path, with a "did you mean" suggestion for misspelt keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtlbench.errors import ConfigError, PluginError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    folds: Annotated[int, Field(ge=2)] = 5
+    fold_seed: int = 0
+    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    main_task: str = "segmentation"
+    main_metric: str = "iou_mean"
+    baseline: str = "single"
+    cpu_profile: str | None = None
+
+
+class DataConfig(Section):
+    # Each registered dataset source's parameters live in ``[data.<source>]``;
+    # they are kept as raw tables here and validated by resolve_plugins().
+    model_config = ConfigDict(extra="allow")
+
+    source: str = "phantom"
+    organs: Annotated[list[str], Field(min_length=1)] = ["kidney_right", "kidney_left"]
+    landmarks: list[str] = ["renal_pelvis_right", "renal_pelvis_left"]
+    mask_mismatch: Literal["error", "resample"] = "error"
+    geometry_tolerance: Annotated[float, Field(gt=0)] = 1e-3
+
+
+class PreprocessConfig(Section):
+    clamp: tuple[float, float] = (-1024.0, 1024.0)
+    scale: Annotated[float, Field(gt=0)] = 500.0
+    slice_size: tuple[PositiveInt, PositiveInt] = (256, 256)
+    sigma_mm: Annotated[float, Field(gt=0)] = 5.0
+    truncate: Annotated[float, Field(gt=0)] = 4.0
+    landmark_groups: list[list[str]] | None = None
+    only_slices_with_organs: bool = False
+    margin_slices: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("clamp")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError("clamp must be [low, high] with low < high")
+        return v
+
+
+class ModelConfig(Section):
+    widths: Annotated[list[PositiveInt], Field(min_length=2)] = [64, 128, 256, 512, 1024]
+    in_channels: PositiveInt = 1
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 50
+    batch_size: PositiveInt = 8
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    lr_decay_epoch: Annotated[int, Field(ge=0)] = 10
+    lr_decay_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    slices_per_epoch: PositiveInt | None = None
+    eval_every: PositiveInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AugmentConfig(Section):
+    enabled: bool = True
+    rotation_deg: tuple[float, float] = (-10.0, 10.0)
+    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.9, 1.1)
+    translation: tuple[float, float] = (0.0, 0.0)
+
+
+class TaskEntry(Section):
+    use: str | None = None
+    params: dict[str, Any] = {}
+    head: str | None = None
+    head_params: dict[str, Any] = {}
+
+
+class StrategyEntry(Section):
+    use: str | None = None
+    enabled: bool = True
+    params: dict[str, Any] = {}
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
+    train: dict[str, Any] = {}
+    compare_to: str | None = None
+
+
+class ResourcesConfig(Section):
+    cpus_per_trial: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 1.0
+    max_concurrent: PositiveInt | None = None
+
+
+class RunConfig(Section):
+    max_failures: Annotated[int, Field(ge=0)] = 0
+    storage_path: str | None = None
+    out_dir: str = "runs"
+
+
+def _default_tasks() -> dict[str, TaskEntry]:
+    return {"segmentation": TaskEntry(), "landmarks": TaskEntry()}
+
+
+def _default_strategies() -> dict[str, StrategyEntry]:
+    return {"single": StrategyEntry()}
+
+
+class Config(Section):
+    experiment: ExperimentConfig = ExperimentConfig()
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    tasks: dict[str, TaskEntry] = Field(default_factory=_default_tasks)
+    train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    strategies: dict[str, StrategyEntry] = Field(default_factory=_default_strategies)
+    resources: ResourcesConfig = ResourcesConfig()
+    run: RunConfig = RunConfig()
+    profile: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.experiment.main_task not in self.tasks:
+            raise ValueError(
+                f"experiment.main_task {self.experiment.main_task!r} is not one of tasks: "
+                f"{', '.join(self.tasks) or 'none'}"
+            )
+        if not any(s.enabled for s in self.strategies.values()):
+            raise ValueError("strategies: no strategy is enabled")
+        return self
+
+    def task_use(self, label: str) -> str:
+        return self.tasks[label].use or label
+
+    def strategy_use(self, label: str) -> str:
+        return self.strategies[label].use or label
+
+    def source_params(self) -> dict[str, Any]:
+        extra = self.data.model_extra or {}
+        raw = extra.get(self.data.source, {})
+        if isinstance(raw, str):  # ``manifest = "file.csv"`` is short for ``{path = "file.csv"}``
+            raw = {"path": raw}
+        return dict(raw)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return _drop_none(self.model_dump(mode="json"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None,
+    profile: str | None = None,
+    sets: list[str] | None = None,
+    auto_profile: bool = False,
+) -> Config:
+    """Read, merge and validate a benchmark config. ``path=None`` gives the defaults."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    raw = apply_profile(raw, profile, source, auto_profile)
+    for item in sets or []:
+        apply_override(raw, item)
+    return validate_config(raw, source)
+
+
+def apply_profile(raw: dict[str, Any], profile: str | None, source: str, auto_profile: bool = False) -> dict[str, Any]:
+    """Deep-merge ``[profiles.NAME]`` over the base; drop the profiles table."""
+    raw = copy.deepcopy(raw)
+    profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: 'profiles' must be a table of tables")
+    if profile is None:
+        return raw
+    if profile not in profiles:
+        hint = difflib.get_close_matches(profile, list(profiles), n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        avail = ", ".join(sorted(profiles)) or "none"
+        raise ConfigError(f"{source}: unknown profile {profile!r}{extra}; available: {avail}")
+    merged = deep_merge(raw, profiles[profile])
+    merged["profile"] = profile
+    return merged
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax when it parses (1, 0.5, true, [1, 2], {a = 1}), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    key, _, value = item.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key part in {key!r}")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a table")
+        node = child
+    node[parts[-1]] = parse_value(value.strip())
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc, Config)}") from None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> str:
+    """One line for the first error: the key path, what is wrong, a suggestion for typos."""
+    err = exc.errors()[0]
+    loc = tuple(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+    path = ".".join(prefix + loc)
+    if err["type"] == "extra_forbidden":
+        known = allowed_keys(model, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        extra = f" (did you mean {'.'.join(prefix + loc[:-1] + (hint[0],))!r}?)" if hint else ""
+        allowed = f"; allowed: {', '.join(sorted(known))}" if known and not hint else ""
+        return f"unknown key {path!r}{extra}{allowed}"
+    msg = err["msg"]
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"missing key {path!r}"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if not path:
+        return msg
+    return f"{path}: {msg}{shown}"
+
+
+def allowed_keys(model: Any, loc: tuple[str, ...]) -> list[str]:
+    """The keys a table at ``loc`` under ``model`` may hold (for suggestions)."""
+    node: Any = model
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(part)
+            if field is None:
+                return []
+            node = field.annotation
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
+            return []
+    node = _unwrap(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return tp
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_toml_dict())
+
+
+# ----------------------------------------------------------------------------- plugins
+
+
+def validate_params(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
+    """Validate a plugin's parameter table; errors name the key under ``where``."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, tuple(where.split(".")))) from None
+
+
+def resolve_plugins(cfg: Config, manager: Any = None, source: str = "<config>") -> None:
+    """Check every plugin name and parameter table in ``cfg`` against the loaded plugins."""
+    from mtlbench.plugins import get_manager
+
+    manager = manager or get_manager()
+
+    def get(kind: str, name: str, where: str) -> Any:
+        try:
+            return manager.get(kind, name).obj
+        except PluginError as exc:
+            raise ConfigError(f"{source}: {where}: {exc}") from None
+
+    try:
+        src = get("datasets", cfg.data.source, "data.source")
+        for key in cfg.data.model_extra or {}:
+            if key not in manager.registry("datasets"):
+                names = list(DataConfig.model_fields) + manager.registry("datasets").names()
+                hint = difflib.get_close_matches(key, names, n=1)
+                extra = f" (did you mean 'data.{hint[0]}'?)" if hint else ""
+                raise ConfigError(f"unknown key 'data.{key}'{extra}")
+        validate_params(src.Params, cfg.source_params(), f"data.{cfg.data.source}")
+        for label, entry in cfg.tasks.items():
+            task = get("tasks", cfg.task_use(label), f"tasks.{label}")
+            validate_params(task.Params, entry.params, f"tasks.{label}.params")
+            head = get("heads", entry.head or task.head, f"tasks.{label}.head")
+            validate_params(head.Params, entry.head_params, f"tasks.{label}.head_params")
+        for label, entry in cfg.strategies.items():
+            strat = get("strategies", cfg.strategy_use(label), f"strategies.{label}")
+            for point in expand_grid(entry):
+                validate_params(strat.Params, point, f"strategies.{label}.params")
+            validate_params(TrainConfig, deep_merge(cfg.train.model_dump(), entry.train), f"strategies.{label}.train")
+            if entry.compare_to is not None and entry.compare_to not in cfg.strategies:
+                raise ConfigError(f"strategies.{label}.compare_to: no strategy {entry.compare_to!r}")
+        if cfg.experiment.baseline not in cfg.strategies:
+            raise ConfigError(
+                f"experiment.baseline: no strategy {cfg.experiment.baseline!r}; "
+                f"have: {', '.join(cfg.strategies)}"
+            )
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def expand_grid(entry: StrategyEntry) -> list[dict[str, Any]]:
+    """Every parameter point of a strategy entry: ``params`` with each ``grid`` combination set."""
+    import itertools
+
+    keys = list(entry.grid)
+    points = []
+    for combo in itertools.product(*(entry.grid[k] for k in keys)):
+        params = copy.deepcopy(entry.params)
+        for key, value in zip(keys, combo):
+            node = params
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        points.append(params)
+    return points

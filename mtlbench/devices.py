@@ -1,0 +1,31 @@
+"""The one place that decides devices and thread counts for training."""
+
+from __future__ import annotations
+
+import math
+import os
+
+
+def gpu_available() -> bool:
+    """True when torch sees a CUDA device (imports torch)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_device(preference: str = "auto") -> str:
+    """'cuda' when asked for or available (auto), else 'cpu'."""
+    if preference == "cpu":
+        return "cpu"
+    if preference == "cuda" or gpu_available():
+        return "cuda" if gpu_available() else "cpu"
+    return "cpu"
+
+
+def set_threads(cpus: float | None) -> int:
+    """Set torch's intra-op threads to the trial's CPU share (at least 1); return it."""
+    import torch
+
+    n = max(1, int(math.floor(cpus))) if cpus else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
