@@ -18,6 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -210,6 +212,15 @@ class Task:
     def evaluate(self, volume: EvalVolume) -> dict[str, float]:
         """Metrics of one patient. ``volume.final`` asks for the expensive ones."""
         raise NotImplementedError
+
+    def export(self, volume: EvalVolume, out_dir: "Path") -> list["Path"]:
+        """Write this task's prediction for one patient as files a user opens (optional).
+
+        ``mtlbench predict`` calls it with ``volume.final`` set; the built-in
+        segmentation task writes ``<patient>_labels.nii.gz`` on the original
+        grid, the landmark task ``<patient>_landmarks.fcsv``.
+        """
+        return []
 
 
 class Head:

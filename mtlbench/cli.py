@@ -127,6 +127,181 @@ def config_show(
     typer.echo(to_toml(cfg), nl=False)
 
 
+data_app = typer.Typer(help="Generate, read and prepare data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("phantom")
+@handle_errors
+def data_phantom(
+    out: Path = typer.Argument(..., help="Folder to create (must not exist or be empty)."),
+    patients: int = typer.Option(20, "--patients", "-n", min=2, help="Number of patients."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+) -> None:
+    """Write the synthetic abdominal-CT phantom (NIfTI, .fcsv, manifest.csv) into OUT."""
+    from rich.progress import Progress
+
+    from mtlbench.data.phantom import generate_phantom
+
+    with Progress(transient=True) as bar:
+        job = bar.add_task("phantom", total=patients)
+        manifest = generate_phantom(out, patients, seed, progress=lambda i: bar.update(job, completed=i))
+    typer.echo(str(manifest))
+
+
+@data_app.command("prepare")
+@handle_errors
+def data_prepare(
+    config: Path = typer.Argument(..., help="Benchmark TOML file."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Build (or verify) the HDF5 slice cache for CONFIG; print its path last."""
+    from mtlbench.data.cache import build_cache
+
+    cfg = load(config, profile, set_)
+    path = build_cache(cfg, progress=True)
+    typer.echo(str(path))
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    config: Path = typer.Argument(..., help="Benchmark TOML file."),
+    fold: int = typer.Option(0, "--fold", "-k", min=0, help="Test fold."),
+    strategy: str = typer.Option(..., "--strategy", help="Strategy label from [strategies]."),
+    point: int = typer.Option(0, "--point", min=0, help="Which point of the strategy's parameter grid."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: the first of experiment.seeds)."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Trial folder (default: runs/train-<id>)."),
+) -> None:
+    """Train and evaluate one trial in this process (no Ray): result.json + checkpoint.pt in --out."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mtlbench.config import expand_grid
+    from mtlbench.data.cache import build_cache, open_cache
+    from mtlbench.data.folds import make_folds
+    from mtlbench.engine.train import run_trial
+    from mtlbench.engine.trialspec import TrialSpec
+    from mtlbench.errors import ConfigError
+
+    cfg = load(config, profile, set_, auto_profile=True)
+    if strategy not in cfg.strategies:
+        raise ConfigError(f"--strategy {strategy!r}: not in [strategies] ({', '.join(cfg.strategies)})")
+    points = expand_grid(cfg.strategies[strategy])
+    if point >= len(points):
+        raise ConfigError(f"--point {point}: strategy {strategy!r} has {len(points)} parameter point(s)")
+    if fold >= cfg.experiment.folds:
+        raise ConfigError(f"--fold {fold}: experiment.folds is {cfg.experiment.folds}")
+    cache = build_cache(cfg, progress=True)
+    info = open_cache(cache)
+    folds = make_folds(list(info.patients), cfg.experiment.folds, cfg.experiment.fold_seed)
+    spec = TrialSpec(fold=fold, strategy=strategy, params=points[point], seed=cfg.experiment.seeds[0] if seed is None else seed)
+    out = out or Path(cfg.run.out_dir) / f"train-{spec.id}"
+    typer.echo(f"trial {spec.id}: params {json.dumps(spec.params)}", err=True)
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*cols) as bar:
+        job = bar.add_task("epoch 1", total=None, info="")
+
+        def on_step(epoch: int, step: int) -> None:
+            bar.update(job, description=f"epoch {epoch + 1}", completed=step)
+
+        def on_epoch(entry: dict) -> None:
+            shown = {k: v for k, v in entry.get("metrics", {}).items() if k.endswith("_mean") or k.endswith("rmse")}
+            bar.update(job, info=" ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+
+        record = run_trial(cfg, spec, cache, folds, out, on_step=on_step, on_epoch=on_epoch)
+    _print_trial(record)
+    typer.echo(str(out / "result.json"))
+
+
+def _print_trial(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{record['id']}: {record['status']}")
+    table.add_column("metric")
+    table.add_column("mean over test patients", justify="right")
+    for k, v in sorted(record.get("metrics", {}).items()):
+        table.add_row(k, f"{v:.4f}")
+    Console(stderr=True).print(table)
+
+
+@app.command("predict")
+@handle_errors
+def predict_cmd(
+    trial_dir: Path = typer.Argument(..., help="A finished trial folder (from train or run)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the prediction files."),
+) -> None:
+    """Write the trial's predictions for its test patients (label maps, .fcsv landmarks)."""
+    from mtlbench.engine.predict import predict_trial
+
+    for path in predict_trial(trial_dir, out):
+        typer.echo(str(path))
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    config: Path = typer.Argument(..., help="Benchmark TOML file."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<experiment>-<timestamp>)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Attach to a Ray cluster (else RAY_ADDRESS, else local)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out without redoing finished trials."),
+) -> None:
+    """Run every fold x strategy x parameter x seed trial on Ray Tune; print the leaderboard."""
+    from rich.console import Console
+
+    from mtlbench.config import load_config
+    from mtlbench.errors import ConfigError
+    from mtlbench.orchestrate.runner import RESOLVED, default_run_dir, run_experiment
+    from mtlbench.report.leaderboard import build_leaderboard, render_leaderboard
+    from mtlbench.report.markdown import write_report
+
+    console = Console()
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        cfg = load(out / RESOLVED, None, None)
+        console.print(f"resuming {out} with its recorded config")
+    else:
+        cfg = load(config, profile, set_, auto_profile=True)
+    run_dir = out or default_run_dir(cfg)
+    results = run_experiment(cfg, run_dir, address=address, resume=resume, console=console)
+    board = build_leaderboard({"meta": results["meta"], "trials": results["trials"]})
+    render_leaderboard(board, console)
+    report = write_report(run_dir)
+    console.print(f"results: {results['path']}\nreport: {report}")
+
+
+@app.command("leaderboard")
+@handle_errors
+def leaderboard_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list."),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="Rank by this metric key (default: the main metric)."),
+) -> None:
+    """The leaderboard of a run: mean +- std over folds, 95% CI, paired test against the baseline."""
+    from mtlbench.report.leaderboard import build_leaderboard, load_results, render_leaderboard
+
+    board = build_leaderboard(load_results(run_dir), metric)
+    if as_json:
+        typer.echo(json.dumps(board, indent=2, default=str))
+    else:
+        render_leaderboard(board)
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Write RUN_DIR/report.md with the leaderboard and the plots."""
+    from mtlbench.report.markdown import write_report
+
+    typer.echo(str(write_report(run_dir)))
+
+
 def _register_plugin_commands() -> None:
     from mtlbench.plugins import get_manager
 

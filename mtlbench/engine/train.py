@@ -1,0 +1,361 @@
+"""One trial: (fold, strategy, strategy parameters, seed) trained and evaluated, without Ray.
+
+``run_trial`` is the function every scheduler calls (``mtlbench train`` in-process,
+Ray Tune in ``mtlbench run``). It knows no task or strategy by name: tasks give
+targets, losses and metrics; the strategy turns losses into gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mtlbench.api import EvalVolume, StepContext
+from mtlbench.config import Config, TrainConfig, deep_merge
+from mtlbench.data.cache import SliceData, load_patient, load_slices, open_cache
+from mtlbench.devices import choose_device, set_threads
+from mtlbench.engine.trialspec import TrialSpec
+from mtlbench.engine.augment import random_affine
+from mtlbench.engine.model import MultiTaskModel, build_model
+from mtlbench.errors import ConfigError, TrialError
+from mtlbench.fsutil import atomic_path, write_json
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+EXAMPLE = "example.npz"
+
+
+class Diverged(TrialError):
+    """A loss became NaN or infinite."""
+
+
+@dataclass
+class Components:
+    """The instantiated plugins of a trial."""
+
+    tasks: dict[str, Any]
+    heads: dict[str, Any]
+    strategy: Any
+    model_tasks: list[str]
+    train: TrainConfig
+    groups: list[list[str]]
+
+
+def trial_train_config(cfg: Config, label: str) -> TrainConfig:
+    entry = cfg.strategies[label]
+    return TrainConfig.model_validate(deep_merge(cfg.train.model_dump(), entry.train))
+
+
+def build_components(cfg: Config, spec: TrialSpec, cache_info: Any, manager: Any = None) -> Components:
+    from mtlbench.plugins import get_manager
+
+    manager = manager or get_manager()
+    if spec.strategy not in cfg.strategies:
+        raise ConfigError(f"unknown strategy {spec.strategy!r}; configured: {', '.join(cfg.strategies)}")
+    info = cache_info.dataset_info()
+    groups = cache_info.heatmap_groups
+    tasks, heads = {}, {}
+    for label, entry in cfg.tasks.items():
+        tcls = manager.get("tasks", cfg.task_use(label)).obj
+        task = tcls(tcls.Params(**entry.params), info)
+        task.groups = groups
+        tasks[label] = task
+        hcls = manager.get("heads", entry.head or tcls.head).obj
+        heads[label] = hcls(hcls.Params(**entry.head_params))
+    scls = manager.get("strategies", cfg.strategy_use(spec.strategy)).obj
+    strategy = scls(scls.Params(**spec.params), list(cfg.tasks), cfg.experiment.main_task)
+    model_tasks = strategy.model_tasks()
+    unknown = [t for t in model_tasks if t not in tasks]
+    if unknown:
+        raise ConfigError(f"strategy {spec.strategy!r} asks for unknown tasks: {', '.join(unknown)}")
+    return Components(tasks, heads, strategy, model_tasks, trial_train_config(cfg, spec.strategy), groups)
+
+
+def make_model(cfg: Config, comp: Components) -> MultiTaskModel:
+    return build_model(cfg, {t: comp.tasks[t] for t in comp.model_tasks}, {t: comp.heads[t] for t in comp.model_tasks})
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _batch(data: SliceData, idx: np.ndarray, device: str) -> dict[str, torch.Tensor]:
+    idx = np.sort(idx)  # h5/numpy gathers are faster sorted; order inside a batch is irrelevant
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(data.image[idx])).unsqueeze(1).to(device),
+        "labels": torch.from_numpy(data.labels[idx].astype(np.int64)).to(device),
+        "heatmaps": torch.from_numpy(np.ascontiguousarray(data.heatmaps[idx])).to(device),
+    }
+
+
+@torch.no_grad()
+def predict_volume(model: MultiTaskModel, image: np.ndarray, device: str, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Run the model over every slice of one patient: task -> (S, C, H, W) float32."""
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {}
+    for start in range(0, image.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(image[start : start + batch_size])).unsqueeze(1).to(device)
+        for task, out in model(x).items():
+            outs.setdefault(task, []).append(out.float().cpu().numpy())
+    return {t: np.concatenate(v, axis=0) for t, v in outs.items()}
+
+
+def evaluate(
+    model: MultiTaskModel,
+    comp: Components,
+    records: list[Any],
+    organs: tuple[str, ...],
+    device: str,
+    final: bool,
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+    """Metrics of every test patient and their means (NaN-aware); also returns the raw outputs."""
+    per_patient: list[dict[str, Any]] = []
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    for rec in records:
+        out = predict_volume(model, rec.image, device)
+        outputs[rec.patient] = out
+        row: dict[str, Any] = {"patient": rec.patient}
+        for task in comp.model_tasks:
+            vol = EvalVolume(
+                patient=rec.patient,
+                output=out[task],
+                labels=rec.labels,
+                heatmaps=rec.heatmaps,
+                index_to_physical=rec.index_to_physical,
+                geometry=rec.geometry,
+                orig_labels=rec.orig_labels,
+                landmarks=rec.landmarks,
+                organs=organs,
+                final=final,
+            )
+            for key, value in comp.tasks[task].evaluate(vol).items():
+                row[f"{task}/{key}"] = float(value)
+        per_patient.append(row)
+    keys = sorted({k for r in per_patient for k in r if k != "patient"})
+    means = {}
+    for k in keys:
+        vals = np.array([r.get(k, np.nan) for r in per_patient], dtype=float)
+        means[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+    return means, per_patient, outputs
+
+
+def _example(rec: Any, outputs: dict[str, np.ndarray], comp: Components) -> dict[str, Any]:
+    """The slice with the most organ voxels, for overlay plots."""
+    counts = (rec.labels > 0).reshape(rec.labels.shape[0], -1).sum(axis=1)
+    s = int(np.argmax(counts))
+    ex: dict[str, Any] = {
+        "image": rec.image[s].astype(np.float32),
+        "labels": rec.labels[s].astype(np.uint8),
+        "heatmap": rec.heatmaps[:, s].max(axis=0).astype(np.float32) if rec.heatmaps.shape[0] else np.zeros_like(rec.image[s]),
+        "patient": np.array(rec.patient),
+        "slice": np.array(s),
+    }
+    for task in comp.model_tasks:
+        t = comp.tasks[task]
+        out = outputs[task][s]
+        if t.target == "labels" and out.shape[0] > 1:
+            ex["pred"] = out.argmax(axis=0).astype(np.uint8)
+        elif t.target == "heatmaps":
+            ex["pred_heatmap"] = out.max(axis=0).astype(np.float32)
+    return ex
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return float(torch.cuda.max_memory_allocated() / 2**20)
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def run_trial(
+    cfg: Config,
+    spec: TrialSpec,
+    cache_path: str | Path,
+    folds: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    data: SliceData | None = None,
+    cpus: float | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    manager: Any = None,
+) -> dict[str, Any]:
+    """Train and evaluate one trial; write result.json, checkpoint.pt and example.npz into ``out_dir``.
+
+    Returns the trial record (see docs/results.md). A NaN/inf loss gives status
+    ``diverged``; an exception propagates (the caller records ``failed``).
+    ``data`` may hold preloaded slices of (at least) the fold's patients; they
+    are indexed per batch, never copied as a whole.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fold = next((f for f in folds if f["fold"] == spec.fold), None)
+    if fold is None:
+        raise ConfigError(f"fold {spec.fold} does not exist (folds: 0..{len(folds) - 1})")
+    cache_info = open_cache(cache_path)
+    comp = build_components(cfg, spec, cache_info, manager)
+    tc = comp.train
+    device = choose_device(tc.device)
+    threads = set_threads(cpus) if device == "cpu" else None
+    seed_everything(spec.seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    if data is None:
+        data = load_slices(cache_path, list(fold["train"]))
+    pos = {p: i for i, p in enumerate(data.patients)}
+    missing = [p for p in fold["train"] if p not in pos]
+    if missing:
+        raise ConfigError(f"fold {spec.fold}: training patients missing from the slice data: {', '.join(missing)}")
+    train_idx = np.flatnonzero(np.isin(data.patient_index, [pos[p] for p in fold["train"]]))
+    records = [load_patient(cache_path, p) for p in fold["test"]]
+    organs = tuple(cache_info.organs)
+
+    model = make_model(cfg, comp).to(device)
+    strategy = comp.strategy
+    groups = [
+        {"params": list(model.parameters()), "weight_decay": tc.weight_decay},
+    ]
+    sparams = list(strategy.parameters())
+    if sparams:
+        groups.append({"params": sparams, "weight_decay": 0.0})
+    optimizer = torch.optim.Adam(groups, lr=tc.lr)
+    milestones = [tc.lr_decay_epoch] if 0 < tc.lr_decay_epoch < tc.epochs else []
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_decay_factor)
+    ctx_shared = list(model.shared_parameters())
+    ctx_tasks = {t: list(p) for t, p in model.task_parameters().items()}
+    kinds = {t: comp.tasks[t].kind for t in comp.tasks}
+    gen = torch.Generator().manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+
+    per_epoch = len(train_idx) if tc.slices_per_epoch is None else min(tc.slices_per_epoch, len(train_idx))
+    steps_per_epoch = max(1, math.ceil(per_epoch / tc.batch_size))
+    history: list[dict[str, Any]] = []
+    record: dict[str, Any] = {
+        "id": spec.id,
+        "dir": str(out_dir),
+        "fold": spec.fold,
+        "strategy": spec.strategy,
+        "use": cfg.strategy_use(spec.strategy),
+        "params": spec.params,
+        "seed": spec.seed,
+        "compare_to": cfg.strategies[spec.strategy].compare_to,
+        "status": "running",
+        "error": None,
+        "device": device,
+        "threads": threads,
+        "test_patients": list(fold["test"]),
+        "train_patients": list(fold["train"]),
+        "cache": str(Path(cache_path).resolve()),
+    }
+    step = 0
+    status, error = "completed", None
+    try:
+        for epoch in range(tc.epochs):
+            te = time.time()
+            model.train()
+            order = rng.permutation(train_idx)[:per_epoch]
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            for b in range(steps_per_epoch):
+                idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
+                if len(idx) == 0:
+                    continue
+                batch = _batch(data, idx, device)
+                image, targets = random_affine(
+                    batch["image"], {"labels": batch["labels"], "heatmaps": batch["heatmaps"]}, cfg.augment, gen
+                )
+                outputs = model(image)
+                names = strategy.tasks_for_step(step)
+                losses = {t: comp.tasks[t].loss(outputs[t], targets[comp.tasks[t].target]) for t in names}
+                for t, l in losses.items():
+                    if not torch.isfinite(l):
+                        raise Diverged(f"loss of task {t!r} became {float(l)} at epoch {epoch + 1}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                ctx = StepContext(step=step, epoch=epoch, shared_parameters=ctx_shared, task_parameters=ctx_tasks, task_kinds=kinds)
+                log = strategy.backward(losses, ctx) or {}
+                optimizer.step()
+                for t, l in losses.items():
+                    _acc(sums, counts, f"loss/{t}", float(l))
+                for k, v in log.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        _acc(sums, counts, k, float(v))
+                    else:
+                        _acc(sums, counts, f"{k}={v}", 1.0, count=False)
+                step += 1
+                if on_step is not None:
+                    on_step(epoch, b + 1)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            train_log = {k: (sums[k] / counts[k] if k in counts else sums[k]) for k in sorted(sums)}
+            entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train": train_log}
+            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+                metrics, _, _ = evaluate(model, comp, records, organs, device, final=False)
+                entry["metrics"] = metrics
+            entry["time_s"] = time.time() - te
+            history.append(entry)
+            if on_epoch is not None:
+                on_epoch(entry)
+        metrics, per_patient, outputs = evaluate(model, comp, records, organs, device, final=True)
+        if records:
+            np.savez_compressed(out_dir / EXAMPLE, **_example(records[0], outputs[records[0].patient], comp))
+        with atomic_path(out_dir / CHECKPOINT, suffix=".pt") as tmp:
+            torch.save({"model": model.state_dict(), "strategy": strategy.state_dict()}, tmp)
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+        metrics, per_patient = {}, []
+    record.update(
+        status=status,
+        error=error,
+        metrics=metrics,
+        per_patient=per_patient,
+        history=history,
+        wall_time_s=time.time() - t0,
+        peak_memory_mb=_peak_memory_mb(device),
+        config=cfg.to_toml_dict(),
+        folds=folds,
+    )
+    write_json(out_dir / RESULT, record)
+    return record
+
+
+def _acc(sums: dict[str, float], counts: dict[str, int], key: str, value: float, count: bool = True) -> None:
+    sums[key] = sums.get(key, 0.0) + value
+    if count:
+        counts[key] = counts.get(key, 0) + 1
+
+
+def failed_record(spec: TrialSpec, cfg: Config, out_dir: str | Path, exc: BaseException) -> dict[str, Any]:
+    """The record of a trial that raised."""
+    return {
+        "id": spec.id,
+        "dir": str(out_dir),
+        "fold": spec.fold,
+        "strategy": spec.strategy,
+        "use": cfg.strategy_use(spec.strategy),
+        "params": spec.params,
+        "seed": spec.seed,
+        "compare_to": cfg.strategies[spec.strategy].compare_to if spec.strategy in cfg.strategies else None,
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+        "metrics": {},
+        "per_patient": [],
+        "history": [],
+        "wall_time_s": None,
+        "peak_memory_mb": None,
+        "config": cfg.to_toml_dict(),
+    }
+
+
+def spec_dict(spec: TrialSpec) -> dict[str, Any]:
+    return asdict(spec)

@@ -1,0 +1,1 @@
+"""Running many trials: the experiment grid, Ray Tune scheduling, resume, the results store."""

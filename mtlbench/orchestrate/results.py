@@ -1,0 +1,88 @@
+"""The run folder's results store: trial records in, ``results.json`` (atomic) out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from mtlbench.config import Config
+from mtlbench.engine.trialspec import TrialSpec
+from mtlbench.errors import DataError
+from mtlbench.fsutil import write_json
+
+RESULTS = "results.json"
+TRIALS = "trials"
+FINISHED = ("completed", "diverged")
+
+
+def trial_dir(run_dir: Path, spec: TrialSpec) -> Path:
+    return (run_dir / TRIALS / spec.id).resolve()
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A trial's result.json, or None when absent or unreadable (an interrupted trial)."""
+    f = path / "result.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished_record(run_dir: Path, spec: TrialSpec) -> dict[str, Any] | None:
+    rec = read_record(trial_dir(run_dir, spec))
+    return rec if rec is not None and rec.get("status") in FINISHED else None
+
+
+def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
+    """Metric directions, the main metric and the auxiliary metrics, from the configured tasks."""
+    from mtlbench.plugins import get_manager
+
+    manager = get_manager()
+    info = cache_info.dataset_info()
+    directions: dict[str, bool] = {}
+    aux: list[str] = []
+    for label, entry in cfg.tasks.items():
+        cls = manager.get("tasks", cfg.task_use(label)).obj
+        task = cls(cls.Params(**entry.params), info)
+        for key, m in task.metrics().items():
+            directions[f"{label}/{key}"] = m.higher_is_better
+        if label != cfg.experiment.main_task:
+            aux.append(f"{label}/{task.main_metric()}")
+    return {
+        "experiment": cfg.experiment.name,
+        "main_metric": f"{cfg.experiment.main_task}/{cfg.experiment.main_metric}",
+        "baseline": cfg.experiment.baseline,
+        "directions": directions,
+        "organs": list(cache_info.organs),
+        "landmarks": list(cache_info.landmarks),
+        "aux_metrics": aux,
+        "folds": cfg.experiment.folds,
+        "seeds": list(cfg.experiment.seeds),
+        "profile": cfg.profile,
+    }
+
+
+def write_results(run_dir: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """Write results.json atomically; records are stored without their bulky config copy."""
+    trials = []
+    for rec in records:
+        rec = {k: v for k, v in rec.items() if k not in ("config", "folds")}
+        trials.append(rec)
+    meta = dict(meta, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    path = run_dir / RESULTS
+    write_json(path, {"meta": meta, "trials": trials})
+    return path
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise DataError(f"no results.json in {run_dir} (is it a run folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from None

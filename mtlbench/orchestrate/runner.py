@@ -1,0 +1,334 @@
+"""``mtlbench run``: build the cache once, expand the grid, schedule every trial on Ray Tune.
+
+The driver prepares everything large once (the HDF5 slice cache, the slice
+arrays in Ray's object store via ``tune.with_parameters``) and hands each trial
+only its small spec through ``param_space``. Finished trials are found on disk
+(``trials/<id>/result.json``), so ``--resume`` reruns only what did not finish.
+Ray's own output goes to ``RUN_DIR/ray.log``; the terminal shows a live table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from mtlbench.config import Config, to_toml
+from mtlbench.engine.trialspec import TrialSpec
+from mtlbench.errors import ConfigError
+from mtlbench.fsutil import write_json, write_text
+from mtlbench.orchestrate.grid import expand
+from mtlbench.orchestrate.results import (
+    finished_record,
+    metric_meta,
+    read_record,
+    trial_dir,
+    write_results,
+)
+
+RESOLVED = "config.toml"
+SPLITS = "splits.json"
+
+
+def default_run_dir(cfg: Config) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.run.out_dir) / f"{cfg.experiment.name}-{stamp}"
+
+
+def _trainable(config: dict[str, Any], data: Any = None, setup: dict[str, Any] | None = None) -> None:
+    """Ray Tune's function trainable: one trial, reporting after every epoch."""
+    from ray import tune
+
+    from mtlbench.config import validate_config
+    from mtlbench.engine.train import run_trial
+
+    assert setup is not None
+    cfg = validate_config(setup["config"])
+    spec = TrialSpec(**config["trial"])
+    main = setup["main_metric"]
+    out = Path(setup["run_dir"]) / "trials" / spec.id
+
+    def on_epoch(entry: dict[str, Any]) -> None:
+        value = entry.get("metrics", {}).get(main, float("nan"))
+        tune.report({"epoch": entry["epoch"], "main_metric": value, "done": False})
+
+    record = run_trial(cfg, spec, setup["cache"], setup["folds"], out, data=data, cpus=setup["cpus"], on_epoch=on_epoch)
+    tune.report({"epoch": len(record["history"]), "main_metric": record["metrics"].get(main, float("nan")),
+                 "status": record["status"], "done": True})
+
+
+@contextlib.contextmanager
+def _quiet_to(log_path: Path) -> Iterator[None]:
+    """Send everything written to fd 1/2 by Ray (and its C++ core) to ``log_path``; rich keeps the real stdout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def run_experiment(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run (or resume) an experiment into ``run_dir``; return the written results."""
+    from rich.console import Console
+
+    from mtlbench.data.cache import build_cache, load_slices, open_cache
+    from mtlbench.data.folds import load_folds, make_folds, save_folds
+
+    console = console or Console()
+    run_dir = run_dir.resolve()
+    if resume:
+        if not (run_dir / RESOLVED).is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a run folder (no {RESOLVED})")
+    elif (run_dir / RESOLVED).exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / RESOLVED, to_toml(cfg))
+
+    t_cache = time.time()
+    cache = build_cache(cfg, progress=True, console=console)
+    info = open_cache(cache)
+    console.print(f"slice cache: {cache} ({len(info.patients)} patients, {time.time() - t_cache:.1f} s)")
+    splits = run_dir / SPLITS
+    if splits.is_file():
+        folds = load_folds(splits)
+    else:
+        folds = make_folds(list(info.patients), cfg.experiment.folds, cfg.experiment.fold_seed)
+        save_folds(splits, folds)
+    meta = metric_meta(cfg, info)
+
+    specs = expand(cfg)
+    done = {s.id: finished_record(run_dir, s) for s in specs}
+    pending = [s for s in specs if done[s.id] is None]
+    console.print(
+        f"{len(specs)} trials ({len(specs) - len(pending)} already finished, {len(pending)} to run) "
+        f"in {run_dir}"
+    )
+    errors: dict[str, str] = {}
+    if pending:
+        data = load_slices(cache, list(info.patients))
+        errors = _tune(cfg, run_dir, pending, data, cache, folds, meta, address, console)
+    records = []
+    for s in specs:
+        rec = done[s.id] or read_record(trial_dir(run_dir, s))
+        if rec is None or rec.get("status") not in ("completed", "diverged"):
+            from mtlbench.engine.train import failed_record
+
+            rec = failed_record(s, cfg, trial_dir(run_dir, s), RuntimeError(errors.get(s.id, "trial produced no result")))
+        records.append(rec)
+    path = write_results(run_dir, meta, records)
+    return {"path": path, "meta": meta, "trials": records}
+
+
+def _tune(
+    cfg: Config,
+    run_dir: Path,
+    pending: list[TrialSpec],
+    data: Any,
+    cache: Path,
+    folds: list[dict[str, Any]],
+    meta: dict[str, Any],
+    address: str | None,
+    console: Any,
+) -> dict[str, str]:
+    """Schedule ``pending`` on Ray Tune; return {trial id: error} for trials that failed."""
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    log = run_dir / "ray.log"
+    with _quiet_to(log):
+        import ray
+        from ray import tune
+
+        logging.getLogger("ray").handlers[:] = [logging.FileHandler(log)]
+        logging.getLogger("ray").propagate = False
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            ignore_reinit_error=True,
+            configure_logging=False,
+        )
+        try:
+            total = ray.cluster_resources()
+            n_gpu = float(total.get("GPU", 0.0))
+            cpus = float(cfg.resources.cpus_per_trial)
+            gpus = float(cfg.resources.gpus_per_trial) if n_gpu > 0 else 0.0
+            n_cpu = float(total.get("CPU", 1.0))
+            if cpus > n_cpu:
+                cpus = n_cpu
+            concurrency = cfg.resources.max_concurrent or max(1, int(n_cpu // cpus))
+            if gpus > 0:
+                concurrency = min(concurrency, max(1, int(n_gpu // gpus)))
+            setup = {
+                "config": cfg.model_dump(mode="json"),
+                "cache": str(cache),
+                "folds": folds,
+                "run_dir": str(run_dir),
+                "main_metric": meta["main_metric"],
+                "cpus": cpus,
+            }
+            trainable = tune.with_resources(
+                tune.with_parameters(_trainable, data=data, setup=setup), {"cpu": cpus, "gpu": gpus}
+            )
+            storage = Path(cfg.run.storage_path).resolve() if cfg.run.storage_path else run_dir / "ray"
+            attempt = dt.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+            display = LiveDisplay(pending, cfg.train.epochs, concurrency, console)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([asdict(s) for s in pending])},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=attempt,
+                    storage_path=str(storage),
+                    failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+                    verbose=0,
+                    callbacks=[display],
+                ),
+            )
+            with display.live():
+                grid = tuner.fit()
+            errors = {}
+            for result in grid:
+                spec = TrialSpec(**result.config["trial"])
+                if result.error is not None:
+                    errors[spec.id] = _one_line(result.error)
+            resources = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + " per trial"
+            console.print(f"Ray: {len(pending)} trials, {concurrency} at a time, {resources}; log: {log}")
+            return errors
+        finally:
+            ray.shutdown()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    last = [l for l in text if l.strip()]
+    msg = last[-1] if last else type(error).__name__
+    return msg[:500]
+
+
+class LiveDisplay:
+    """A Ray Tune callback that keeps a rich table of the run's progress."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # subclass Tune's Callback lazily (ray import)
+        from ray import tune
+
+        klass = type("LiveDisplayCallback", (_LiveDisplayMixin, tune.Callback), {})
+        obj = object.__new__(klass)
+        obj.__init__(*args, **kwargs)
+        return obj
+
+
+class _LiveDisplayMixin:
+    def __init__(self, pending: list[TrialSpec], epochs: int, concurrency: int, console: Any) -> None:
+        self.total = len(pending)
+        self.epochs = epochs
+        self.concurrency = concurrency
+        self.console = console
+        self.state: dict[str, dict[str, Any]] = {}
+        self.start = time.time()
+        self.durations: list[float] = []
+        self._live: Any = None
+
+    @contextlib.contextmanager
+    def live(self) -> Iterator[None]:
+        from rich.live import Live
+
+        with Live(self.render(), console=self.console, refresh_per_second=2, transient=False) as live:
+            self._live = live
+            try:
+                yield
+            finally:
+                live.update(self.render())
+                self._live = None
+
+    def _id(self, trial: Any) -> str:
+        return TrialSpec(**trial.config["trial"]).id
+
+    def _update(self) -> None:
+        if self._live is not None:
+            self._live.update(self.render())
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.state[self._id(trial)] = {"status": "running", "epoch": 0, "metric": float("nan"), "t0": time.time()}
+        self._update()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        st = self.state.setdefault(self._id(trial), {"status": "running", "t0": time.time()})
+        st["epoch"] = result.get("epoch", 0)
+        st["metric"] = result.get("main_metric", float("nan"))
+        if result.get("done"):
+            st["status"] = result.get("status", "completed")
+        self._update()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        st = self.state.setdefault(self._id(trial), {"t0": time.time()})
+        if st.get("status") == "running":
+            st["status"] = "completed"
+        self.durations.append(time.time() - st.get("t0", time.time()))
+        self._update()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        st = self.state.setdefault(self._id(trial), {"t0": time.time()})
+        st["status"] = "failed"
+        self._update()
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        counts = {"completed": 0, "running": 0, "failed": 0, "diverged": 0}
+        for st in self.state.values():
+            counts[st.get("status", "running")] = counts.get(st.get("status", "running"), 0) + 1
+        finished = counts["completed"] + counts["failed"] + counts["diverged"]
+        pending = self.total - finished - counts["running"]
+        elapsed = time.time() - self.start
+        eta = "?"
+        if self.durations:
+            mean = sum(self.durations) / len(self.durations)
+            remaining = (self.total - finished) * mean / max(1, self.concurrency)
+            eta = _fmt(remaining)
+        title = (
+            f"trials: {counts['completed']} done, {counts['running']} running, {pending} pending, "
+            f"{counts['failed']} failed, {counts['diverged']} diverged — elapsed {_fmt(elapsed)}, remaining ~{eta}"
+        )
+        table = Table(title=title, title_justify="left", expand=False)
+        table.add_column("running trial")
+        table.add_column("epoch", justify="right")
+        table.add_column("main metric", justify="right")
+        for tid, st in sorted(self.state.items()):
+            if st.get("status") == "running":
+                m = st.get("metric", float("nan"))
+                table.add_row(tid, f"{st.get('epoch', 0)}/{self.epochs}", "-" if m != m else f"{m:.4f}")
+        return table
+
+
+def _fmt(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def concurrency_for(cpus_total: float, cpus_per_trial: float) -> int:
+    return max(1, math.floor(cpus_total / cpus_per_trial))

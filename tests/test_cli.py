@@ -1,0 +1,79 @@
+"""The command line through typer's CliRunner, and the import cost of --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mtlbench import __version__
+from mtlbench.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"mtlbench {__version__}"
+
+
+def test_plugins_json_lists_every_kind():
+    r = runner.invoke(app, ["plugins", "--json"])
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert set(data) == {"tasks", "heads", "strategies", "datasets"}
+    names = {k: {i["name"] for i in v} for k, v in data.items()}
+    assert {"segmentation", "landmarks"} <= names["tasks"]
+    assert {"single", "joint", "alternate", "uncertainty"} <= names["strategies"]
+    assert {"manifest", "visceral", "phantom"} <= names["datasets"]
+    assert "conv" in names["heads"]
+
+
+def test_plugins_table():
+    r = runner.invoke(app, ["plugins"])
+    assert r.exit_code == 0 and "segmentation" in r.stdout
+
+
+def test_config_show_resolves_profile_and_set(tmp_path):
+    p = tmp_path / "b.toml"
+    p.write_text('[train]\nepochs = 3\n[profiles.fast]\ntrain = { epochs = 1 }\n')
+    r = runner.invoke(app, ["config", "show", str(p), "--profile", "fast", "--set", "train.batch_size=3"])
+    assert r.exit_code == 0, r.output
+    assert "epochs = 1" in r.stdout and "batch_size = 3" in r.stdout and 'profile = "fast"' in r.stdout
+
+
+def test_config_error_exit_2_one_line(tmp_path):
+    p = tmp_path / "b.toml"
+    p.write_text("[train]\nepoch = 3\n")
+    r = runner.invoke(app, ["config", "show", str(p)])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.epoch" in lines[0] and "did you mean 'train.epochs'" in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_kidney_benchmark_config_is_valid():
+    r = runner.invoke(app, ["config", "show", str(ROOT / "benchmarks" / "kidney.toml")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["config", "show", str(ROOT / "benchmarks" / "kidney.toml"), "--profile", "cpu"])
+    assert r.exit_code == 0, r.output
+
+
+def test_help_imports_neither_torch_nor_ray():
+    code = (
+        "import sys\n"
+        "from mtlbench.cli import main\n"
+        "sys.argv = ['mtlbench', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'ray', 'SimpleITK', 'h5py') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in r.stdout, r.stdout + r.stderr
+    code = code.replace("'--help'", "'plugins', '--json'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in r.stdout, r.stdout + r.stderr
