@@ -61,8 +61,6 @@ class PreprocessConfig(Section):
     sigma_mm: Annotated[float, Field(gt=0)] = 5.0
     truncate: Annotated[float, Field(gt=0)] = 4.0
     landmark_groups: list[list[str]] | None = None
-    only_slices_with_organs: bool = False
-    margin_slices: Annotated[int, Field(ge=0)] = 0
 
     @field_validator("clamp")
     @classmethod
