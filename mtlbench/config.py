@@ -366,7 +366,11 @@ def resolve_plugins(cfg: Config, manager: Any = None, source: str = "<config>") 
         for label, entry in cfg.strategies.items():
             strat = get("strategies", cfg.strategy_use(label), f"strategies.{label}")
             for point in expand_grid(entry):
-                validate_params(strat.Params, point, f"strategies.{label}.params")
+                params = validate_params(strat.Params, point, f"strategies.{label}.params")
+                try:  # strategies check their params against the tasks (e.g. joint's weights)
+                    strat(params, list(cfg.tasks), cfg.experiment.main_task)
+                except ConfigError as exc:
+                    raise ConfigError(f"strategies.{label}: {exc}") from None
             validate_params(TrainConfig, deep_merge(cfg.train.model_dump(), entry.train), f"strategies.{label}.train")
             if entry.compare_to is not None and entry.compare_to not in cfg.strategies:
                 raise ConfigError(f"strategies.{label}.compare_to: no strategy {entry.compare_to!r}")

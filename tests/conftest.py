@@ -19,5 +19,9 @@ def realdata() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own MTLBENCH_CACHE_DIR unless it sets one."""
+    """Point MTLBENCH_CACHE_DIR at one temporary folder for the whole session.
+
+    Shared on purpose: the phantom and slice caches are built once and reused
+    (as for a user); tests that need a private cache set their own.
+    """
     monkeypatch.setenv("MTLBENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mtlbench-cache"))

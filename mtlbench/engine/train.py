@@ -61,7 +61,7 @@ def build_components(cfg: Config, spec: TrialSpec, cache_info: Any, manager: Any
     if spec.strategy not in cfg.strategies:
         raise ConfigError(f"unknown strategy {spec.strategy!r}; configured: {', '.join(cfg.strategies)}")
     info = cache_info.dataset_info()
-    groups = cache_info.heatmap_groups
+    groups = [list(g) for g in cache_info.groups]
     tasks, heads = {}, {}
     for label, entry in cfg.tasks.items():
         tcls = manager.get("tasks", cfg.task_use(label)).obj
@@ -122,11 +122,11 @@ def evaluate(
     outputs: dict[str, dict[str, np.ndarray]] = {}
     for rec in records:
         out = predict_volume(model, rec.image, device)
-        outputs[rec.patient] = out
-        row: dict[str, Any] = {"patient": rec.patient}
+        outputs[rec.id] = out
+        row: dict[str, Any] = {"patient": rec.id}
         for task in comp.model_tasks:
             vol = EvalVolume(
-                patient=rec.patient,
+                patient=rec.id,
                 output=out[task],
                 labels=rec.labels,
                 heatmaps=rec.heatmaps,
@@ -156,7 +156,7 @@ def _example(rec: Any, outputs: dict[str, np.ndarray], comp: Components) -> dict
         "image": rec.image[s].astype(np.float32),
         "labels": rec.labels[s].astype(np.uint8),
         "heatmap": rec.heatmaps[:, s].max(axis=0).astype(np.float32) if rec.heatmaps.shape[0] else np.zeros_like(rec.image[s]),
-        "patient": np.array(rec.patient),
+        "patient": np.array(rec.id),
         "slice": np.array(s),
     }
     for task in comp.model_tasks:
@@ -274,8 +274,8 @@ def run_trial(
                 image, targets = random_affine(
                     batch["image"], {"labels": batch["labels"], "heatmaps": batch["heatmaps"]}, cfg.augment, gen
                 )
-                outputs = model(image)
                 names = strategy.tasks_for_step(step)
+                outputs = model(image, names)  # only the tails whose losses this step computes
                 losses = {t: comp.tasks[t].loss(outputs[t], targets[comp.tasks[t].target]) for t in names}
                 for t, l in losses.items():
                     if not torch.isfinite(l):
@@ -307,7 +307,7 @@ def run_trial(
                 on_epoch(entry)
         metrics, per_patient, outputs = evaluate(model, comp, records, organs, device, final=True)
         if records:
-            np.savez_compressed(out_dir / EXAMPLE, **_example(records[0], outputs[records[0].patient], comp))
+            np.savez_compressed(out_dir / EXAMPLE, **_example(records[0], outputs[records[0].id], comp))
         with atomic_path(out_dir / CHECKPOINT, suffix=".pt") as tmp:
             torch.save({"model": model.state_dict(), "strategy": strategy.state_dict()}, tmp)
     except Diverged as exc:

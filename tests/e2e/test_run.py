@@ -1,0 +1,197 @@
+"""End to end through real Ray Tune: `mtlbench run`, failures, divergence, interrupt and resume.
+
+One tiny benchmark (4 phantom patients, 32 x 32 slices, 2 folds) runs as a
+subprocess exactly as a user would run it; a test-only plugin distribution
+(tests/plugins/mtlbench-faulty) is pip-installed into a temporary folder to add
+a strategy that raises and one that diverges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MTLBENCH = str(Path(sys.executable).with_name("mtlbench"))
+
+CONFIG = """
+[experiment]
+name = "tiny"
+folds = 2
+
+[data.phantom]
+patients = 4
+seed = 3
+
+[preprocess]
+slice_size = [32, 32]
+
+[model]
+widths = [4, 8, 16]
+
+[tasks.segmentation]
+head_params = { width = 4, convs = 1 }
+
+[tasks.landmarks]
+head_params = { width = 4, convs = 1 }
+
+[train]
+epochs = 2
+batch_size = 8
+slices_per_epoch = 48
+lr = 0.003
+
+[strategies.single]
+[strategies.joint]
+grid = { "weights.landmarks" = [1.0, 3.0] }
+
+[resources]
+cpus_per_trial = 1
+gpus_per_trial = 0
+
+[run]
+max_failures = 1
+"""
+
+FAULTY = """
+[strategies.broken]
+use = "explode"
+[strategies.nan]
+use = "diverge"
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         str(ROOT / "tests" / "plugins" / "mtlbench-faulty")],
+        check=True, capture_output=True,
+    )
+    cache = tmp_path_factory.mktemp("cache")
+    return dict(os.environ, PYTHONPATH=str(site), MTLBENCH_CACHE_DIR=str(cache), COLUMNS="200")
+
+
+def _mtlbench(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([MTLBENCH, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, env) -> Path:
+    d = tmp_path_factory.mktemp("e2e")
+    cfg = d / "tiny.toml"
+    cfg.write_text(CONFIG + FAULTY)
+    out = d / "run"
+    r = _mtlbench(["run", str(cfg), "--out", str(out)], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (d / "stdout.txt").write_text(r.stdout)
+    return out
+
+
+def test_results_json(run):
+    res = json.loads((run / "results.json").read_text())
+    trials = res["trials"]
+    # (single + joint x 2 lambdas + broken + nan) x 2 folds
+    assert len(trials) == 10
+    by = {}
+    for t in trials:
+        by.setdefault(t["strategy"], []).append(t)
+        for key in ("id", "dir", "fold", "strategy", "params", "seed", "status", "error", "metrics", "per_patient", "history",
+                    "wall_time_s", "peak_memory_mb"):
+            assert key in t, key
+    assert {t["status"] for t in by["single"] + by["joint"]} == {"completed"}
+    assert {t["status"] for t in by["broken"]} == {"failed"}
+    assert all("explode strategy failed on purpose" in t["error"] for t in by["broken"])
+    assert {t["status"] for t in by["nan"]} == {"diverged"}
+    for t in by["single"]:
+        assert 0.0 <= t["metrics"]["segmentation/iou_mean"] <= 1.0
+        assert len(t["per_patient"]) == 2 and all("patient" in p for p in t["per_patient"])
+        assert len(t["history"]) == 2
+        assert "segmentation/hd95_mean" in t["metrics"]
+        assert Path(t["dir"], "result.json").is_file() and Path(t["dir"], "checkpoint.pt").is_file()
+    for t in by["joint"]:
+        assert "landmarks/rmse" in t["metrics"] and "landmarks/error_mm_mean" in t["metrics"]
+    # every patient is tested exactly once per strategy setting
+    tested = sorted(p["patient"] for t in by["single"] for p in t["per_patient"])
+    assert tested == sorted(set(tested)) and len(tested) == 4
+    assert (run / "config.toml").is_file() and (run / "splits.json").is_file()
+    assert res["meta"]["main_metric"] == "segmentation/iou_mean"
+
+
+def test_leaderboard_json(run, env):
+    r = _mtlbench(["leaderboard", str(run), "--json"], env)
+    assert r.returncode == 0, r.stderr
+    board = json.loads(r.stdout)
+    rows = board["rows"]
+    assert len(rows) == 5
+    base = [row for row in rows if row["is_baseline"]]
+    assert len(base) == 1 and base[0]["strategy"] == "single"
+    broken = next(row for row in rows if row["strategy"] == "broken")
+    assert broken["failed"] == 2 and broken["completed"] == 0
+    nan = next(row for row in rows if row["strategy"] == "nan")
+    assert nan["diverged"] == 2
+    joint = [row for row in rows if row["strategy"] == "joint"]
+    assert len(joint) == 2 and all(row["vs_baseline"]["n"] == 4 for row in joint)
+
+
+def test_plots_and_report(run, env):
+    plots = sorted((run / "plots").glob("*.png"))
+    assert plots, "no plots written"
+    assert all(p.stat().st_size > 1000 for p in plots)
+    report = (run / "report.md").read_text()
+    assert "![" in report and "plots/" in report
+
+
+def test_terminal_output(run):
+    text = (run.parent / "stdout.txt").read_text()
+    assert "single" in text and "baseline" in text
+    assert (run / "ray.log").is_file()
+
+
+def test_predict_from_run_trial(run, env, tmp_path):
+    trial = next(Path(t["dir"]) for t in json.loads((run / "results.json").read_text())["trials"]
+                 if t["strategy"] == "joint" and t["status"] == "completed")
+    r = _mtlbench(["predict", str(trial), "--out", str(tmp_path / "pred")], env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.suffix for p in (tmp_path / "pred").iterdir()) == [".fcsv", ".fcsv", ".gz", ".gz"]
+
+
+def test_interrupt_and_resume(tmp_path, env):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(CONFIG.replace("epochs = 2", "epochs = 3"))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([MTLBENCH, "run", str(cfg), "--out", str(out)], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            done = list(out.glob("trials/*/result.json"))
+            if len(done) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "run finished before it could be interrupted; make it longer"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    assert 2 <= len(before) < 6
+    r = _mtlbench(["run", str(cfg), "--out", str(out), "--resume"], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    for name, mtime in before.items():
+        assert after[name] == mtime, f"finished trial {name} was rerun"
+    res = json.loads((out / "results.json").read_text())
+    ids = [t["id"] for t in res["trials"]]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert all(t["status"] == "completed" for t in res["trials"])
