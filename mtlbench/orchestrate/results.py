@@ -71,6 +71,9 @@ def write_results(run_dir: Path, meta: dict[str, Any], records: list[dict[str, A
     trials = []
     for rec in records:
         rec = {k: v for k, v in rec.items() if k not in ("config", "folds")}
+        if rec.get("dir"):  # relative, so a run folder can be moved or shared
+            d = Path(rec["dir"])
+            rec["dir"] = str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else str(d)
         trials.append(rec)
     meta = dict(meta, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     path = run_dir / RESULTS

@@ -116,7 +116,8 @@ def test_results_json(run):
         assert len(t["per_patient"]) == 2 and all("patient" in p for p in t["per_patient"])
         assert len(t["history"]) == 2
         assert "segmentation/hd95_mean" in t["metrics"]
-        assert Path(t["dir"], "result.json").is_file() and Path(t["dir"], "checkpoint.pt").is_file()
+        assert not Path(t["dir"]).is_absolute()
+        assert (run / t["dir"] / "result.json").is_file() and (run / t["dir"] / "checkpoint.pt").is_file()
     for t in by["joint"]:
         assert "landmarks/rmse" in t["metrics"] and "landmarks/error_mm_mean" in t["metrics"]
     # every patient is tested exactly once per strategy setting
@@ -157,7 +158,7 @@ def test_terminal_output(run):
 
 
 def test_predict_from_run_trial(run, env, tmp_path):
-    trial = next(Path(t["dir"]) for t in json.loads((run / "results.json").read_text())["trials"]
+    trial = next(run / t["dir"] for t in json.loads((run / "results.json").read_text())["trials"]
                  if t["strategy"] == "joint" and t["status"] == "completed")
     r = _mtlbench(["predict", str(trial), "--out", str(tmp_path / "pred")], env)
     assert r.returncode == 0, r.stderr

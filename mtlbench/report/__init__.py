@@ -1,0 +1,1 @@
+"""Reports built from a run folder's results.json alone: statistics, leaderboard, plots, Markdown."""

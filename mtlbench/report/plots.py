@@ -1,0 +1,335 @@
+"""PNG figures from a run folder: learning curves, the parameter (lambda) sweep and example-slice overlays."""
+
+from __future__ import annotations
+
+import math
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtlbench.errors import DataError
+from mtlbench.fsutil import atomic_path
+from mtlbench.report.leaderboard import (
+    RowGroup,
+    fold_values,
+    group_rows,
+    higher_is_better,
+    load_results,
+    resolve_metric,
+    varying_params,
+    flatten_params,
+)
+from mtlbench.report.stats import describe
+
+PLOTS_DIR = "plots"
+DPI = 110
+# Soft-tissue CT window (HU): level 40, width 400.
+WINDOW_LEVEL_HU = 40.0
+WINDOW_WIDTH_HU = 400.0
+DEFAULT_SCALE = 500.0
+GT_COLOUR = (0.0, 0.85, 0.0)
+PRED_COLOUR = (0.95, 0.1, 0.1)
+BOTH_COLOUR = (1.0, 0.9, 0.0)
+OVERLAY_ALPHA = 0.45
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a row label."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("=", "-")).strip("_") or "row"
+
+
+def _figure(ncols: int, width: float = 5.0, height: float = 4.0) -> tuple[Any, list[Any]]:
+    """A figure drawn by the Agg canvas (no pyplot state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+
+def _curve(trials: list[dict[str, Any]], section: str, key: str) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+    """Per fold: (epochs, value averaged over the fold's trials) from history[*][section][key]."""
+    per_fold: dict[Any, dict[int, list[float]]] = {}
+    for trial in trials:
+        for entry in trial.get("history") or []:
+            try:
+                value = float((entry.get(section) or {}).get(key))
+                epoch = int(entry["epoch"])
+            except (TypeError, ValueError, KeyError):
+                continue
+            if math.isfinite(value):
+                per_fold.setdefault(trial.get("fold"), {}).setdefault(epoch, []).append(value)
+    out = {}
+    for fold in sorted(per_fold, key=str):
+        epochs = sorted(per_fold[fold])
+        out[fold] = (np.array(epochs), np.array([np.mean(per_fold[fold][e]) for e in epochs]))
+    return out
+
+
+def _fold_mean(curves: dict[Any, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean across folds at every epoch any fold reports (folds lacking the epoch are left out)."""
+    epochs = sorted({int(e) for xs, _ in curves.values() for e in xs})
+    means = []
+    for e in epochs:
+        vals = [ys[xs == e][0] for xs, ys in curves.values() if np.any(xs == e)]
+        means.append(float(np.mean(vals)))
+    return np.array(epochs), np.array(means)
+
+
+FOLD_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+
+
+def _draw_folds(ax: Any, curves: dict[Any, tuple[np.ndarray, np.ndarray]], colour: Any, name: str, label_folds: bool) -> None:
+    """Thin line per fold (one colour per fold when ``label_folds``, else ``colour``), thick mean in ``colour``."""
+    for j, (fold, (xs, ys)) in enumerate(curves.items()):
+        c = FOLD_COLOURS[j % len(FOLD_COLOURS)] if label_folds else colour
+        ax.plot(xs, ys, color=c, lw=1.0, alpha=0.6, label=f"fold {fold}" if label_folds else None)
+    xs, ys = _fold_mean(curves)
+    ax.plot(xs, ys, color=colour, lw=2.6, label=name)
+
+
+def _integer_epochs(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_learning_curves(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """One PNG per row (``curves_NN_<label>.png``): the main metric per epoch for each fold (thin) and
+    their mean (thick); a second panel with the training losses ``loss/<task>`` when history has them."""
+    meta = results.get("meta") or {}
+    metric = resolve_metric(results)
+    out_dir = Path(out_dir)
+    paths = []
+    for i, group in enumerate(group_rows(results), start=1):
+        trials = group.completed
+        metric_curves = _curve(trials, "metrics", metric)
+        loss_keys = sorted({k for t in trials for h in t.get("history") or [] for k in (h.get("train") or {}) if k.startswith("loss/")})
+        loss_curves = {k: c for k in loss_keys if (c := _curve(trials, "train", k))}
+        if not metric_curves and not loss_curves:
+            continue
+        fig, axes = _figure(2 if loss_curves else 1)
+        ax = axes[0]
+        if metric_curves:
+            _draw_folds(ax, metric_curves, "black", "mean over folds", label_folds=True)
+        arrow = "↑" if higher_is_better(meta, metric) else "↓"
+        ax.set(title=f"{group.label}: {metric} ({arrow} better)", xlabel="epoch", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _integer_epochs(ax)
+        if loss_curves:
+            lax = axes[1]
+            for j, (key, curves) in enumerate(loss_curves.items()):
+                _draw_folds(lax, curves, FOLD_COLOURS[j % len(FOLD_COLOURS)], f"{key} (mean over folds)", label_folds=False)
+            lax.set(title=f"{group.label}: training loss (thin: folds)", xlabel="epoch", ylabel="loss")
+            lax.grid(alpha=0.3)
+            lax.legend(fontsize=7)
+            _integer_epochs(lax)
+        paths.append(_save(fig, out_dir / f"curves_{i:02d}_{slug(group.label)}.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------- parameter sweep
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def find_sweeps(groups: list[RowGroup]) -> list[tuple[str, str, list[tuple[float, RowGroup]]]]:
+    """Strategies whose rows differ in exactly one numeric parameter: (strategy, key, [(value, row)])."""
+    by_strategy: dict[str, list[RowGroup]] = {}
+    for g in groups:
+        by_strategy.setdefault(g.strategy, []).append(g)
+    sweeps = []
+    for strategy, siblings in by_strategy.items():
+        if len(siblings) < 2:
+            continue
+        keys = varying_params(siblings)
+        if len(keys) != 1:
+            continue
+        values = [flatten_params(g.params).get(keys[0]) for g in siblings]
+        if all(_is_number(v) for v in values):
+            points = sorted(zip((float(v) for v in values), siblings), key=lambda p: p[0])
+            sweeps.append((strategy, keys[0], points))
+    return sweeps
+
+
+def _fold_stats(group: RowGroup, key: str) -> tuple[float, float]:
+    d = describe([f["value"] for f in fold_values(group.completed, key)])
+    return d["mean"], d["std"]
+
+
+def _baseline_band(ax: Any, base: RowGroup | None, key: str) -> None:
+    if base is None:
+        return
+    mean, std = _fold_stats(base, key)
+    if math.isnan(mean):
+        return
+    ax.axhline(mean, color="grey", lw=1.5, ls="--", label=f"baseline {base.label} (mean ± std)")
+    if not math.isnan(std):
+        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.2)
+
+
+def plot_lambda_sweep(results: dict[str, Any], out_dir: str | Path) -> Path | None:
+    """``lambda_sweep.png``: main (and auxiliary) metric against the swept numeric parameter,
+    mean ± std over folds, the baseline as a horizontal band; None when no strategy sweeps one parameter."""
+    meta = results.get("meta") or {}
+    metric = resolve_metric(results)
+    groups = group_rows(results)
+    sweeps = find_sweeps(groups)
+    if not sweeps:
+        return None
+    aux_key = next((k for k in meta.get("aux_metrics") or [] if k != metric), None)
+    has_aux = aux_key is not None and any(
+        not math.isnan(_fold_stats(g, aux_key)[0]) for _, _, pts in sweeps for _, g in pts
+    )
+    keys = [metric] + ([aux_key] if has_aux else [])
+    base = next((g for g in groups if g.strategy == meta.get("baseline")), None)
+    fig, axes = _figure(len(keys))
+    same_param = len({k for _, k, _ in sweeps}) == 1
+    for ax, key in zip(axes, keys):
+        for strategy, param, points in sweeps:
+            xs = np.array([x for x, _ in points])
+            stats = np.array([_fold_stats(g, key) for _, g in points], dtype=float)
+            ok = ~np.isnan(stats[:, 0])
+            if not ok.any():
+                continue
+            yerr = np.nan_to_num(stats[ok, 1], nan=0.0)
+            name = strategy if same_param else f"{strategy} ({param})"
+            ax.errorbar(xs[ok], stats[ok, 0], yerr=yerr, marker="o", capsize=4, lw=1.8, label=f"{name}: mean ± std over folds")
+        _baseline_band(ax, base, key)
+        if same_param:
+            ax.set_xticks(sorted({x for _, _, pts in sweeps for x, _ in pts}))
+        arrow = "↑" if higher_is_better(meta, key) else "↓"
+        xlabel = sweeps[0][1] if same_param else "parameter value"
+        ax.set(title=f"{key} ({arrow} better)", xlabel=xlabel, ylabel=key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, Path(out_dir) / "lambda_sweep.png")
+
+
+# ----------------------------------------------------------------------------- overlays
+
+
+REQUIRED_ARRAYS = ("image", "labels", "pred")
+
+
+def load_example(path: Path) -> dict[str, Any]:
+    """The arrays of one example.npz; a missing array or a bad file raises DataError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    for key in REQUIRED_ARRAYS:
+        if key not in data:
+            raise DataError(f"{path}: lacks the array {key!r}")
+    shape = data["image"].shape
+    if len(shape) != 2:
+        raise DataError(f"{path}: 'image' must be 2-D (H, W), got shape {shape}")
+    for key in ("labels", "pred", "heatmap", "pred_heatmap"):
+        if key in data and data[key].shape != shape:
+            raise DataError(f"{path}: {key!r} has shape {data[key].shape}, 'image' has {shape}")
+    return data
+
+
+def overlay_rgba(labels: np.ndarray, pred: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """RGBA layer: ground truth only green, prediction only red, both yellow, elsewhere transparent."""
+    gt, pr = labels > 0, pred > 0
+    rgba = np.zeros(labels.shape + (4,), dtype=np.float32)
+    for mask, colour in ((gt & ~pr, GT_COLOUR), (pr & ~gt, PRED_COLOUR), (gt & pr, BOTH_COLOUR)):
+        rgba[mask, :3] = colour
+        rgba[mask, 3] = alpha
+    return rgba
+
+
+def _scale(trial: dict[str, Any]) -> float:
+    try:
+        return float(trial["config"]["preprocess"]["scale"])
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_SCALE
+
+
+def _example_path(run_dir: Path, trial: dict[str, Any]) -> Path | None:
+    if not trial.get("dir"):
+        return None
+    path = run_dir / str(trial["dir"]) / "example.npz"
+    return path if path.is_file() else None
+
+
+def plot_overlays(results: dict[str, Any], run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """One PNG per row (``overlay_NN_<label>.png``) from its first completed trial with an example.npz:
+    the CT slice (soft-tissue window) with ground truth green, prediction red, overlap yellow, next to the
+    ground-truth and predicted landmark maps."""
+    from matplotlib.patches import Patch
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    paths = []
+    for i, group in enumerate(group_rows(results), start=1):
+        found = next(((t, p) for t in group.completed if (p := _example_path(run_dir, t)) is not None), None)
+        if found is None:
+            continue
+        trial, path = found
+        ex = load_example(path)
+        scale = _scale(trial)
+        fig, axes = _figure(3, width=4.2, height=4.4)
+        lo = (WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2) / scale
+        hi = (WINDOW_LEVEL_HU + WINDOW_WIDTH_HU / 2) / scale
+        axes[0].imshow(ex["image"], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        axes[0].imshow(overlay_rgba(ex["labels"], ex["pred"]), interpolation="nearest")
+        axes[0].legend(
+            handles=[Patch(color=GT_COLOUR, label="ground truth"), Patch(color=PRED_COLOUR, label="prediction"), Patch(color=BOTH_COLOUR, label="both")],
+            loc="lower right", fontsize=7, framealpha=0.7,
+        )
+        axes[0].set_title(f"CT W{WINDOW_WIDTH_HU:.0f}/L{WINDOW_LEVEL_HU:.0f} HU + organs", fontsize=9)
+        maps = [("heatmap", "ground-truth landmark map"), ("pred_heatmap", "predicted landmark map")]
+        present = [ex[k] for k, _ in maps if k in ex]
+        vmax = max([float(np.nanmax(m)) for m in present] + [1e-6])
+        for ax, (key, title) in zip(axes[1:], maps):
+            if key in ex:
+                im = ax.imshow(ex[key], cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
+                fig.colorbar(im, ax=ax, shrink=0.8)
+                ax.set_title(title, fontsize=9)
+            else:
+                ax.text(0.5, 0.5, "no landmark output\nfor this strategy", ha="center", va="center", transform=ax.transAxes)
+                ax.set_title(title, fontsize=9)
+        for ax in axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        patient = str(ex["patient"]) if "patient" in ex else "?"
+        where = f"slice {int(ex['slice'])}" if "slice" in ex else "slice ?"
+        fig.suptitle(f"{group.label} — patient {patient}, {where} (fold {trial.get('fold')}, seed {trial.get('seed')})", fontsize=10)
+        paths.append(_save(fig, out_dir / f"overlay_{i:02d}_{slug(group.label)}.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------- all
+
+
+def make_plots(run_dir: str | Path) -> list[Path]:
+    """Every figure of a run into ``RUN_DIR/plots/``: learning curves, the sweep (if any), overlays."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    out_dir = run_dir / PLOTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = plot_learning_curves(results, out_dir)
+    sweep = plot_lambda_sweep(results, out_dir)
+    if sweep is not None:
+        paths.append(sweep)
+    paths.extend(plot_overlays(results, run_dir, out_dir))
+    return paths
