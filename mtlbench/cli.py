@@ -64,6 +64,21 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
 ) -> None:
     _STATE["debug"] = debug
+    _setup_logging()
+
+
+def _setup_logging() -> None:
+    """mtlbench's data warnings (a dropped landmark, a resampled mask) as one line each on stderr."""
+    import logging
+
+    log = logging.getLogger("mtlbench")
+    if not any(getattr(h, "_mtlbench", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s".replace("%(levelname)s", "warning")))
+        handler.setLevel(logging.WARNING)
+        handler._mtlbench = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.propagate = False
 
 
 # Options shared by every command that reads a config.

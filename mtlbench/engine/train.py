@@ -285,7 +285,7 @@ def run_trial(
                 log = strategy.backward(losses, ctx) or {}
                 optimizer.step()
                 for t, l in losses.items():
-                    _acc(sums, counts, f"loss/{t}", float(l))
+                    _acc(sums, counts, f"loss/{t}", float(l.detach()))
                 for k, v in log.items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
                         _acc(sums, counts, k, float(v))
