@@ -253,6 +253,14 @@ class _LiveDisplayMixin:
         self.durations: list[float] = []
         self._live: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config (callbacks included) for restores; the
+        # terminal handles stay in the driver.
+        return {k: v for k, v in self.__dict__.items() if k not in ("console", "_live")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, console=None, _live=None)
+
     @contextlib.contextmanager
     def live(self) -> Iterator[None]:
         from rich.live import Live
