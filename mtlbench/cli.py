@@ -74,7 +74,7 @@ def _setup_logging() -> None:
     log = logging.getLogger("mtlbench")
     if not any(getattr(h, "_mtlbench", False) for h in log.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s".replace("%(levelname)s", "warning")))
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
         handler.setLevel(logging.WARNING)
         handler._mtlbench = True  # type: ignore[attr-defined]
         log.addHandler(handler)

@@ -83,6 +83,7 @@ class TrainConfig(Section):
     lr_decay_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     slices_per_epoch: PositiveInt | None = None
+    foreground_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     eval_every: PositiveInt = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -340,7 +340,7 @@ class PhantomSource(EntrySource):
 
     class Params(Params):
         patients: Annotated[int, Field(ge=2)] = 20
-        seed: int = 0
+        seed: Annotated[int, Field(ge=0)] = 0
         dir: str | None = None
 
     def folder(self) -> Path:

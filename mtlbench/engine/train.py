@@ -217,6 +217,7 @@ def run_trial(
     if missing:
         raise ConfigError(f"fold {spec.fold}: training patients missing from the slice data: {', '.join(missing)}")
     train_idx = np.flatnonzero(np.isin(data.patient_index, [pos[p] for p in fold["train"]]))
+    fg_idx = train_idx[data.labels[train_idx].reshape(len(train_idx), -1).any(axis=1)]
     records = [load_patient(cache_path, p) for p in fold["test"]]
     organs = tuple(cache_info.organs)
 
@@ -263,7 +264,7 @@ def run_trial(
         for epoch in range(tc.epochs):
             te = time.time()
             model.train()
-            order = rng.permutation(train_idx)[:per_epoch]
+            order = _epoch_order(rng, train_idx, fg_idx, per_epoch, tc.foreground_fraction)
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             for b in range(steps_per_epoch):
@@ -326,6 +327,21 @@ def run_trial(
     )
     write_json(out_dir / RESULT, record)
     return record
+
+
+def _epoch_order(
+    rng: np.random.Generator, train_idx: np.ndarray, fg_idx: np.ndarray, n: int, fg_fraction: float
+) -> np.ndarray:
+    """The slices of one epoch: a random subset of ``n``, of which ``fg_fraction`` contain an organ.
+
+    Foreground oversampling (as nnU-Net does per patch) keeps small organs in
+    most batches; the rest is drawn from all training slices so the network
+    still sees slices without organs.
+    """
+    n_fg = int(round(n * fg_fraction)) if len(fg_idx) else 0
+    rest = rng.permutation(train_idx)[: n - n_fg]
+    fg = rng.choice(fg_idx, size=n_fg, replace=n_fg > len(fg_idx)) if n_fg else fg_idx[:0]
+    return rng.permutation(np.concatenate([fg, rest]))
 
 
 def _acc(sums: dict[str, float], counts: dict[str, int], key: str, value: float, count: bool = True) -> None:

@@ -9,7 +9,6 @@ from typing import Any
 
 from mtlbench.config import Config
 from mtlbench.engine.trialspec import TrialSpec
-from mtlbench.errors import DataError
 from mtlbench.fsutil import write_json
 
 RESULTS = "results.json"
@@ -80,12 +79,3 @@ def write_results(run_dir: Path, meta: dict[str, Any], records: list[dict[str, A
     write_json(path, {"meta": meta, "trials": trials})
     return path
 
-
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / RESULTS
-    if not path.is_file():
-        raise DataError(f"no results.json in {run_dir} (is it a run folder?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON: {exc}") from None
