@@ -73,6 +73,7 @@ class PreprocessConfig(Section):
 class ModelConfig(Section):
     widths: Annotated[list[PositiveInt], Field(min_length=2)] = [64, 128, 256, 512, 1024]
     in_channels: PositiveInt = 1
+    coordinates: bool = False
 
 
 class TrainConfig(Section):

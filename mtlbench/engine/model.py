@@ -47,8 +47,9 @@ class UNetTrunk(nn.Module):
     ``self.divisor = 2 ** (len(widths) - 1)`` and returns (B, 2 * widths[0], H, W).
     """
 
-    def __init__(self, in_channels: int, widths: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, widths: Sequence[int], coordinates: bool = False) -> None:
         super().__init__()
+        self.coordinates = bool(coordinates)
         widths = [int(w) for w in widths]
         if len(widths) < 2 or min(widths) < 1:
             raise ConfigError(f"model.widths must list at least 2 positive widths, got {widths}")
@@ -58,7 +59,7 @@ class UNetTrunk(nn.Module):
         self.divisor = 2 ** (self.levels - 1)
         self.out_channels = 2 * widths[0]
         self.encoders = nn.ModuleList()
-        prev = self.in_channels
+        prev = self.in_channels + (2 if self.coordinates else 0)
         for w in widths[:-1]:
             self.encoders.append(conv_block(prev, w))
             prev = w
@@ -88,6 +89,8 @@ class UNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_size(x.shape[-2:])
+        if self.coordinates:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)
         skips = []
         for enc in self.encoders:
             x = enc(x)
@@ -97,6 +100,18 @@ class UNetTrunk(nn.Module):
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips[1:])):
             x = dec(torch.cat([skip, up(x)], dim=1))
         return torch.cat([skips[0], self.final_up(x)], dim=1)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) row and column positions in [-1, 1] (CoordConv, Liu et al. 2018).
+
+    They let a small network tell the left from the right organ of a pair
+    without the receptive field of a deep one.
+    """
+    b, _, h, w = x.shape
+    rows = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    cols = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([rows, cols], dim=1)
 
 
 class MultiTaskModel(nn.Module):
@@ -139,7 +154,7 @@ def build_model(cfg: "Config", tasks: Mapping[str, "Task"], heads: Mapping[str, 
     missing = [label for label in tasks if label not in heads]
     if missing:
         raise ConfigError(f"tasks.{missing[0]}: no head was given for this task")
-    trunk = UNetTrunk(cfg.model.in_channels, cfg.model.widths)
+    trunk = UNetTrunk(cfg.model.in_channels, cfg.model.widths, cfg.model.coordinates)
     trunk.check_size(cfg.preprocess.slice_size)
     tails = {label: heads[label].build(trunk.out_channels, task.out_channels()) for label, task in tasks.items()}
     return MultiTaskModel(trunk, tails)
