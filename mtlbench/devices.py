@@ -29,3 +29,10 @@ def set_threads(cpus: float | None) -> int:
     n = max(1, int(math.floor(cpus))) if cpus else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
+
+
+def memory_format(device: str):
+    """channels_last on CPU: oneDNN convolutions run about 15% faster on it (benchmarks/perf)."""
+    import torch
+
+    return torch.channels_last if device == "cpu" else torch.contiguous_format

@@ -21,7 +21,7 @@ import torch
 from mtlbench.api import EvalVolume, StepContext
 from mtlbench.config import Config, TrainConfig, deep_merge
 from mtlbench.data.cache import SliceData, load_patient, load_slices, open_cache
-from mtlbench.devices import choose_device, set_threads
+from mtlbench.devices import choose_device, memory_format, set_threads
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.engine.augment import random_affine
 from mtlbench.engine.model import MultiTaskModel, build_model
@@ -90,8 +90,9 @@ def seed_everything(seed: int) -> None:
 
 def _batch(data: SliceData, idx: np.ndarray, device: str) -> dict[str, torch.Tensor]:
     idx = np.sort(idx)  # h5/numpy gathers are faster sorted; order inside a batch is irrelevant
+    image = torch.from_numpy(np.ascontiguousarray(data.image[idx])).unsqueeze(1)
     return {
-        "image": torch.from_numpy(np.ascontiguousarray(data.image[idx])).unsqueeze(1).to(device),
+        "image": image.to(device=device, memory_format=memory_format(device)),
         "labels": torch.from_numpy(data.labels[idx].astype(np.int64)).to(device),
         "heatmaps": torch.from_numpy(np.ascontiguousarray(data.heatmaps[idx])).to(device),
     }
@@ -221,7 +222,8 @@ def run_trial(
     records = [load_patient(cache_path, p) for p in fold["test"]]
     organs = tuple(cache_info.organs)
 
-    model = make_model(cfg, comp).to(device)
+    fmt = memory_format(device)
+    model = make_model(cfg, comp).to(device=device, memory_format=fmt)
     strategy = comp.strategy
     groups = [
         {"params": list(model.parameters()), "weight_decay": tc.weight_decay},

@@ -399,7 +399,7 @@ def render_leaderboard(board: dict[str, Any], console: Any = None) -> Any:
     arrow = "↑" if board["higher_is_better"] else "↓"
     table = Table(title=f"mtlbench leaderboard: {board['metric']} ({arrow} better)")
     table.add_column("#", justify="right")
-    table.add_column("strategy")
+    table.add_column("strategy", no_wrap=True)
     table.add_column(f"{board['metric']} mean ± std", justify="right")
     table.add_column("95% CI", justify="right")
     for organ in board["organ_metrics"]:
@@ -407,7 +407,7 @@ def render_leaderboard(board: dict[str, Any], console: Any = None) -> Any:
     if board.get("aux_metric"):
         table.add_column(board["aux_metric"], justify="right")
     table.add_column("Δ vs baseline (p Holm)", justify="right")
-    table.add_column("ok/failed/diverged", justify="right")
+    table.add_column("ok/failed/diverged", justify="right", no_wrap=True)
     for row in board["rows"]:
         cells = [
             "" if row["rank"] is None else str(row["rank"]),
