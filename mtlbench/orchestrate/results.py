@@ -62,6 +62,7 @@ def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
         "folds": cfg.experiment.folds,
         "seeds": list(cfg.experiment.seeds),
         "profile": cfg.profile,
+        "preprocess": {"clamp": list(cfg.preprocess.clamp), "scale": cfg.preprocess.scale},
     }
 
 

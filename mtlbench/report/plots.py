@@ -258,11 +258,14 @@ def overlay_rgba(labels: np.ndarray, pred: np.ndarray, alpha: float = OVERLAY_AL
     return rgba
 
 
-def _scale(trial: dict[str, Any]) -> float:
-    try:
-        return float(trial["config"]["preprocess"]["scale"])
-    except (KeyError, TypeError, ValueError):
-        return DEFAULT_SCALE
+def _scale(trial: dict[str, Any], meta: dict[str, Any] | None = None) -> float:
+    """The intensity scale the trial's slices were divided by (trial config, else run meta)."""
+    for source in (trial.get("config", {}), meta or {}):
+        try:
+            return float(source["preprocess"]["scale"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return DEFAULT_SCALE
 
 
 def _example_path(run_dir: Path, trial: dict[str, Any]) -> Path | None:
@@ -286,7 +289,7 @@ def plot_overlays(results: dict[str, Any], run_dir: str | Path, out_dir: str | P
             continue
         trial, path = found
         ex = load_example(path)
-        scale = _scale(trial)
+        scale = _scale(trial, results.get("meta"))
         fig, axes = _figure(3, width=4.2, height=4.4)
         lo = (WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2) / scale
         hi = (WINDOW_LEVEL_HU + WINDOW_WIDTH_HU / 2) / scale
