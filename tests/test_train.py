@@ -24,16 +24,16 @@ from mtlbench.engine.predict import predict_trial
 from mtlbench.engine.train import run_trial
 from mtlbench.engine.trialspec import TrialSpec
 
-BASE = {
+BASE = {  # the kidney benchmark's cpu recipe, on fewer patients
     "experiment": {"name": "engine", "folds": 2},
-    "data": {"phantom": {"patients": 4, "seed": 5}},
-    "preprocess": {"slice_size": [48, 48]},
-    "model": {"widths": [8, 16, 32]},
+    "data": {"phantom": {"patients": 6, "seed": 5}},
+    "preprocess": {"slice_size": [48, 48], "clamp": [-250.0, 250.0], "scale": 125.0},
+    "model": {"widths": [8, 16, 32, 64], "coordinates": True},
     "tasks": {
         "segmentation": {"params": {"dice_weight": 1.0}, "head_params": {"width": 8, "convs": 1}},
         "landmarks": {"head_params": {"width": 8, "convs": 1}},
     },
-    "train": {"epochs": 6, "batch_size": 8, "slices_per_epoch": 240, "lr": 3e-3, "lr_decay_epoch": 5,
+    "train": {"epochs": 8, "batch_size": 8, "slices_per_epoch": 256, "lr": 3e-3, "lr_decay_epoch": 7,
               "foreground_fraction": 0.5},
     "strategies": {"single": {}, "joint": {"params": {"weights": {"landmarks": 1.0}}}},
 }
@@ -61,12 +61,19 @@ def test_learns_far_above_trivial(trained):
     record, out = trained
     assert record["status"] == "completed"
     iou = record["metrics"]["segmentation/iou_mean"]
-    # all background scores 0; all foreground scores the kidney fraction (~1%)
-    assert iou > 0.4, record["metrics"]
+    # all background scores IoU 0; all foreground scores each kidney's share of the volume
+    from mtlbench.data.cache import load_patient
+
+    trivial = max(
+        float((load_patient(record["cache"], p).orig_labels == i).mean())
+        for p in record["test_patients"] for i in (1, 2)
+    )
+    assert trivial < 0.02
+    assert iou > 0.25 and iou > 10 * trivial, record["metrics"]
     curve = [h["metrics"]["segmentation/iou_mean"] for h in record["history"] if "metrics" in h]
-    assert len(curve) == 6 and curve[-1] > curve[0]
+    assert len(curve) == 8 and curve[-1] > curve[0]
     saved = json.loads((out / "result.json").read_text())
-    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in saved["history"]] == list(range(1, 9))
     assert saved["history"][0]["train"]["loss/segmentation"] > saved["history"][-1]["train"]["loss/segmentation"]
 
 
@@ -128,7 +135,9 @@ def test_determinism_on_cpu(setup, tmp_path):
     spec = TrialSpec(fold=1, strategy="joint", params={"weights": {"landmarks": 3.0}}, seed=7)
     a = run_trial(cfg, spec, cache, folds, tmp_path / "a", cpus=1)
     b = run_trial(cfg, spec, cache, folds, tmp_path / "b", cpus=1)
-    assert a["metrics"] == b["metrics"] and a["history"][0]["train"] == b["history"][0]["train"]
+    same = lambda x, y: x.keys() == y.keys() and all(x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]) for k in x)  # noqa: E731
+    assert same(a["metrics"], b["metrics"]) and a["history"][0]["train"] == b["history"][0]["train"]
+    assert same(a["per_patient"][0], b["per_patient"][0])
     c = run_trial(cfg, TrialSpec(fold=1, strategy="joint", params=spec.params, seed=8), cache, folds, tmp_path / "c", cpus=1)
     assert c["history"][0]["train"] != a["history"][0]["train"]
 

@@ -16,6 +16,7 @@ from mtlbench.config import validate_config
 from mtlbench.data.cache import build_cache, load_patient, open_cache
 from mtlbench.engine.train import CHECKPOINT, RESULT, build_components, make_model, predict_volume
 from mtlbench.engine.trialspec import TrialSpec
+from mtlbench.devices import memory_format
 from mtlbench.errors import DataError
 
 
@@ -48,7 +49,7 @@ def predict_trial(trial_dir: str | Path, out_dir: str | Path, device: str = "cpu
     model = make_model(cfg, comp)
     state = torch.load(trial_dir / CHECKPOINT, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
-    model.to(device)
+    model.to(device=device, memory_format=memory_format(device))  # as in training: identical outputs
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for pid in rec["test_patients"]:

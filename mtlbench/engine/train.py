@@ -104,7 +104,8 @@ def predict_volume(model: MultiTaskModel, image: np.ndarray, device: str, batch_
     model.eval()
     outs: dict[str, list[np.ndarray]] = {}
     for start in range(0, image.shape[0], batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(image[start : start + batch_size])).unsqueeze(1).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(image[start : start + batch_size])).unsqueeze(1)
+        x = x.to(device=device, memory_format=memory_format(device))
         for task, out in model(x).items():
             outs.setdefault(task, []).append(out.float().cpu().numpy())
     return {t: np.concatenate(v, axis=0) for t, v in outs.items()}
