@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -91,7 +92,8 @@ def load(config: Path, profile: Optional[str], sets: Optional[List[str]], auto_p
     from mtlbench.config import load_config, resolve_plugins
 
     cfg = load_config(config, profile, sets)
-    if auto_profile and profile is None and cfg.experiment.cpu_profile:
+    remote = bool(os.environ.get("RAY_ADDRESS")) or _STATE.get("address") is not None
+    if auto_profile and profile is None and cfg.profile is None and cfg.experiment.cpu_profile and not remote:
         from mtlbench.devices import gpu_available
 
         if not gpu_available():
@@ -174,7 +176,7 @@ def data_prepare(
     """Build (or verify) the HDF5 slice cache for CONFIG; print its path last."""
     from mtlbench.data.cache import build_cache
 
-    cfg = load(config, profile, set_)
+    cfg = load(config, profile, set_, auto_profile=True)  # the cache `run` will use
     path = build_cache(cfg, progress=True)
     typer.echo(str(path))
 
@@ -276,9 +278,12 @@ def run_cmd(
     from mtlbench.report.markdown import write_report
 
     console = Console()
+    _STATE["address"] = address
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        if profile or set_:
+            raise ConfigError("--resume continues with RUN_DIR/config.toml; --profile and --set cannot change it")
         cfg = load(out / RESOLVED, None, None)
         console.print(f"resuming {out} with its recorded config")
     else:
@@ -321,7 +326,11 @@ def _register_plugin_commands() -> None:
     from mtlbench.plugins import get_manager
 
     try:
+        before = len(app.registered_commands)
         get_manager().register_commands(app)
+        for info in app.registered_commands[before:]:  # plugin commands get the same one-line errors
+            if info.callback is not None:
+                info.callback = handle_errors(info.callback)
     except MtlbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -29,6 +30,7 @@ class Section(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 class ExperimentConfig(Section):
@@ -115,6 +117,13 @@ class StrategyEntry(Section):
 class ResourcesConfig(Section):
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0)] = 1.0
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError("a share above 1 GPU must be a whole number of GPUs")
+        return v
     max_concurrent: PositiveInt | None = None
 
 
@@ -147,6 +156,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        for section, labels in (("tasks", self.tasks), ("strategies", self.strategies)):
+            for label in labels:
+                if not LABEL.fullmatch(label):
+                    raise ValueError(
+                        f"{section}.{label}: a label may hold letters, digits, '_' and '-' "
+                        "(it names folders and metric keys)"
+                    )
         if self.experiment.main_task not in self.tasks:
             raise ValueError(
                 f"experiment.main_task {self.experiment.main_task!r} is not one of tasks: "
@@ -167,6 +183,8 @@ class Config(Section):
         raw = extra.get(self.data.source, {})
         if isinstance(raw, str):  # ``manifest = "file.csv"`` is short for ``{path = "file.csv"}``
             raw = {"path": raw}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"data.{self.data.source} must be a table (or a path string)")
         return dict(raw)
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -214,6 +232,8 @@ def apply_profile(raw: dict[str, Any], profile: str | None, source: str, auto_pr
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         avail = ", ".join(sorted(profiles)) or "none"
         raise ConfigError(f"{source}: unknown profile {profile!r}{extra}; available: {avail}")
+    if not isinstance(profiles[profile], dict):
+        raise ConfigError(f"{source}: profiles.{profile} must be a table")
     merged = deep_merge(raw, profiles[profile])
     merged["profile"] = profile
     return merged
@@ -399,6 +419,8 @@ def expand_grid(entry: StrategyEntry) -> list[dict[str, Any]]:
             parts = key.split(".")
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"grid key {key!r}: {part!r} is not a table in params")
             node[parts[-1]] = value
         points.append(params)
     return points

@@ -17,8 +17,12 @@ def choose_device(preference: str = "auto") -> str:
     """'cuda' when asked for or available (auto), else 'cpu'."""
     if preference == "cpu":
         return "cpu"
-    if preference == "cuda" or gpu_available():
-        return "cuda" if gpu_available() else "cpu"
+    if gpu_available():
+        return "cuda"
+    if preference == "cuda":
+        from mtlbench.errors import ConfigError
+
+        raise ConfigError("train.device = 'cuda', but torch sees no CUDA device")
     return "cpu"
 
 

@@ -105,7 +105,7 @@ class PluginManager:
         return self.registries[kind].get(name)
 
     def register_commands(self, app: Any) -> None:
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        for impl in self.pm.hook.register_commands.get_hookimpls():
             try:
                 impl.function(app=app)
             except Exception as exc:  # a broken plugin must not take the CLI down
@@ -187,8 +187,7 @@ def _collect(manager: PluginManager) -> None:
         "datasets": manager.pm.hook.register_datasets,
     }
     for kind, hook in hooks.items():
-        # pluggy keeps the latest-registered first; register in load order instead.
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # in load order
             dist, version = manager.distributions.get(impl.plugin_name, ("unknown", "unknown"))
             register = _make_register(manager.registries[kind], kind, impl.plugin_name, dist, version)
             try:

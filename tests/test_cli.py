@@ -77,3 +77,12 @@ def test_help_imports_neither_torch_nor_ray():
     code = code.replace("'--help'", "'plugins', '--json'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in r.stdout, r.stdout + r.stderr
+
+
+def test_resume_refuses_overrides(tmp_path):
+    p = tmp_path / "b.toml"
+    p.write_text("")
+    r = runner.invoke(app, ["run", str(p), "--out", str(tmp_path / "r"), "--resume", "--set", "train.epochs=1"])
+    assert r.exit_code == 2 and "--resume" in r.stderr
+    r = runner.invoke(app, ["run", str(p), "--resume"])
+    assert r.exit_code == 2 and "--out" in r.stderr

@@ -171,3 +171,35 @@ def test_resolved_config_round_trips_as_toml(tmp_path):
     again = tmp_path / "resolved.toml"
     again.write_text(to_toml(cfg))
     assert load_config(again) == cfg
+
+
+def test_labels_must_be_folder_and_key_safe():
+    with pytest.raises(ConfigError, match=r"strategies\.a/b: a label may hold"):
+        validate_config({"strategies": {"single": {}, "a/b": {"use": "joint"}}})
+
+
+def test_grid_into_a_non_table_is_one_line(tmp_path):
+    from mtlbench.config import StrategyEntry
+
+    with pytest.raises(ConfigError, match=r"grid key 'weights.landmarks': 'weights' is not a table"):
+        expand_grid(StrategyEntry(params={"weights": 2.0}, grid={"weights.landmarks": [1, 3]}))
+
+
+def test_repeated_seed_is_an_error(tmp_path):
+    from mtlbench.orchestrate.grid import expand
+
+    cfg = load_config(write(tmp_path, BASE), sets=["experiment.seeds=[0, 0]"])
+    with pytest.raises(ConfigError, match="appears twice"):
+        expand(cfg)
+    assert len(expand(load_config(write(tmp_path, BASE)))) == 3 * 3  # (single + joint x 2) x 3 folds
+
+
+def test_profile_must_be_a_table(tmp_path):
+    with pytest.raises(ConfigError, match="profiles.cpu must be a table"):
+        load_config(write(tmp_path, "[profiles]\ncpu = 3\n"), profile="cpu")
+
+
+def test_fractional_gpus_above_one_rejected():
+    with pytest.raises(ConfigError, match="resources.gpus_per_trial"):
+        validate_config({"resources": {"gpus_per_trial": 1.5}})
+    assert validate_config({"resources": {"gpus_per_trial": 2}}).resources.gpus_per_trial == 2

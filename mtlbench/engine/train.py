@@ -207,6 +207,8 @@ def run_trial(
     comp = build_components(cfg, spec, cache_info, manager)
     tc = comp.train
     device = choose_device(tc.device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     threads = set_threads(cpus) if device == "cpu" else None
     seed_everything(spec.seed)
     if device == "cpu":
@@ -311,7 +313,9 @@ def run_trial(
                 on_epoch(entry)
         metrics, per_patient, outputs = evaluate(model, comp, records, organs, device, final=True)
         if records:
-            np.savez_compressed(out_dir / EXAMPLE, **_example(records[0], outputs[records[0].id], comp))
+            with atomic_path(out_dir / EXAMPLE, suffix=".npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **_example(records[0], outputs[records[0].id], comp))
         with atomic_path(out_dir / CHECKPOINT, suffix=".pt") as tmp:
             torch.save({"model": model.state_dict(), "strategy": strategy.state_dict()}, tmp)
     except Diverged as exc:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from mtlbench.config import Config, to_toml
 from mtlbench.engine.trialspec import TrialSpec
-from mtlbench.errors import ConfigError
+from mtlbench.errors import ConfigError, DataError
 from mtlbench.fsutil import write_json, write_text
 from mtlbench.orchestrate.grid import expand
 from mtlbench.orchestrate.results import (
@@ -50,6 +50,11 @@ def _trainable(config: dict[str, Any], data: Any = None, setup: dict[str, Any] |
     from mtlbench.engine.train import run_trial
 
     assert setup is not None
+    if not (Path(setup["run_dir"]) / RESOLVED).is_file():
+        raise RuntimeError(
+            f"run folder {setup['run_dir']} is not visible on this node: on a multi-node cluster put --out "
+            "on shared storage mounted at the same path everywhere"
+        )
     cfg = validate_config(setup["config"])
     spec = TrialSpec(**config["trial"])
     main = setup["main_metric"]
@@ -111,11 +116,18 @@ def run_experiment(
     console.print(f"slice cache: {cache} ({len(info.patients)} patients, {time.time() - t_cache:.1f} s)")
     splits = run_dir / SPLITS
     if splits.is_file():
-        folds = load_folds(splits)
+        folds = load_folds(splits, list(info.patients))
+        if len(folds) != cfg.experiment.folds:
+            raise DataError(f"{splits}: {len(folds)} folds, but experiment.folds is {cfg.experiment.folds}")
     else:
         folds = make_folds(list(info.patients), cfg.experiment.folds, cfg.experiment.fold_seed)
         save_folds(splits, folds)
     meta = metric_meta(cfg, info)
+    if meta["main_metric"] not in meta["directions"]:
+        raise ConfigError(
+            f"experiment.main_metric: {meta['main_metric']!r} is not a metric of the tasks; "
+            f"available: {', '.join(sorted(meta['directions']))}"
+        )
 
     specs = expand(cfg)
     done = {s.id: finished_record(run_dir, s) for s in specs}
@@ -156,6 +168,8 @@ def _tune(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ctrl-C must stop the run (and leave unfinished trials for --resume), not be swallowed by Tune.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     log = run_dir / "ray.log"
     with _quiet_to(log):
         import ray
@@ -164,22 +178,29 @@ def _tune(
         logging.getLogger("ray").handlers[:] = [logging.FileHandler(log)]
         logging.getLogger("ray").propagate = False
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            ignore_reinit_error=True,
-            configure_logging=False,
-        )
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                ignore_reinit_error=True,
+                configure_logging=False,
+            )
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"--address {address}: cannot start or reach Ray ({_one_line(exc)})") from None
         try:
             total = ray.cluster_resources()
             n_gpu = float(total.get("GPU", 0.0))
-            cpus = float(cfg.resources.cpus_per_trial)
+            node_cpu, node_gpu = _largest_node()
+            cpus = min(float(cfg.resources.cpus_per_trial), node_cpu)
             gpus = float(cfg.resources.gpus_per_trial) if n_gpu > 0 else 0.0
+            if gpus > node_gpu:
+                raise ConfigError(
+                    f"resources.gpus_per_trial = {gpus:g}, but the largest node has {node_gpu:g} GPU(s); "
+                    "trials would wait forever"
+                )
             n_cpu = float(total.get("CPU", 1.0))
-            if cpus > n_cpu:
-                cpus = n_cpu
             concurrency = cfg.resources.max_concurrent or max(1, int(n_cpu // cpus))
             if gpus > 0:
                 concurrency = min(concurrency, max(1, int(n_gpu // gpus)))
@@ -216,11 +237,24 @@ def _tune(
                 spec = TrialSpec(**result.config["trial"])
                 if result.error is not None:
                     errors[spec.id] = _one_line(result.error)
+            unfinished = [s for s in pending if s.id not in errors and read_record(trial_dir(run_dir, s)) is None]
+            if unfinished:  # Tune stopped early (a signal): leave them for --resume, write no results
+                raise KeyboardInterrupt(f"{len(unfinished)} trials unfinished")
             resources = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + " per trial"
             console.print(f"Ray: {len(pending)} trials, {concurrency} at a time, {resources}; log: {log}")
             return errors
         finally:
             ray.shutdown()
+
+
+def _largest_node() -> tuple[float, float]:
+    """The most CPUs and GPUs one live node offers (a trial cannot span nodes)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        return 1.0, 0.0
+    return max(float(n.get("CPU", 0)) for n in nodes), max(float(n.get("GPU", 0)) for n in nodes)
 
 
 def _one_line(error: BaseException) -> str:
