@@ -87,6 +87,13 @@ ProfileOpt = typer.Option(None, "--profile", "-p", help="Apply [profiles.NAME] o
 SetOpt = typer.Option(None, "--set", "-s", help="Override a key: --set train.epochs=5 (repeatable).")
 
 
+def console() -> Any:
+    """A rich console for tables: the terminal's width, or 180 columns when writing to a file or pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=180)
+
+
 def load(config: Path, profile: Optional[str], sets: Optional[List[str]], auto_profile: bool = False) -> Any:
     """Load, validate and resolve plugins of a config; announce an automatic profile."""
     from mtlbench.config import load_config, resolve_plugins
@@ -269,15 +276,12 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out without redoing finished trials."),
 ) -> None:
     """Run every fold x strategy x parameter x seed trial on Ray Tune; print the leaderboard."""
-    from rich.console import Console
-
-    from mtlbench.config import load_config
     from mtlbench.errors import ConfigError
     from mtlbench.orchestrate.runner import RESOLVED, default_run_dir, run_experiment
     from mtlbench.report.leaderboard import build_leaderboard, render_leaderboard
     from mtlbench.report.markdown import write_report
 
-    console = Console()
+    out_console = console()
     _STATE["address"] = address
     if resume:
         if out is None:
@@ -285,15 +289,15 @@ def run_cmd(
         if profile or set_:
             raise ConfigError("--resume continues with RUN_DIR/config.toml; --profile and --set cannot change it")
         cfg = load(out / RESOLVED, None, None)
-        console.print(f"resuming {out} with its recorded config")
+        out_console.print(f"resuming {out} with its recorded config")
     else:
         cfg = load(config, profile, set_, auto_profile=True)
     run_dir = out or default_run_dir(cfg)
-    results = run_experiment(cfg, run_dir, address=address, resume=resume, console=console)
+    results = run_experiment(cfg, run_dir, address=address, resume=resume, console=out_console)
     board = build_leaderboard({"meta": results["meta"], "trials": results["trials"]})
-    render_leaderboard(board, console)
+    render_leaderboard(board, out_console)
     report = write_report(run_dir)
-    console.print(f"results: {results['path']}\nreport: {report}")
+    out_console.print(f"results: {results['path']}\nreport: {report}")
 
 
 @app.command("leaderboard")
@@ -310,7 +314,7 @@ def leaderboard_cmd(
     if as_json:
         typer.echo(json.dumps(board, indent=2, default=str))
     else:
-        render_leaderboard(board)
+        render_leaderboard(board, console())
 
 
 @app.command("report")

@@ -399,7 +399,7 @@ def render_leaderboard(board: dict[str, Any], console: Any = None) -> Any:
     arrow = "↑" if board["higher_is_better"] else "↓"
     table = Table(title=f"mtlbench leaderboard: {board['metric']} ({arrow} better)")
     table.add_column("#", justify="right")
-    table.add_column("strategy", no_wrap=True)
+    table.add_column("strategy")
     table.add_column(f"{board['metric']} mean ± std", justify="right")
     table.add_column("95% CI", justify="right")
     for organ in board["organ_metrics"]:
