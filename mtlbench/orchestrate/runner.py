@@ -299,13 +299,13 @@ class _LiveDisplayMixin:
     def live(self) -> Iterator[None]:
         from rich.live import Live
 
-        with Live(self.render(), console=self.console, refresh_per_second=2, transient=False) as live:
+        with Live(self.render(), console=self.console, refresh_per_second=2, transient=True) as live:
             self._live = live
             try:
                 yield
             finally:
-                live.update(self.render())
                 self._live = None
+        self.console.print(self.summary())
 
     def _id(self, trial: Any) -> str:
         return TrialSpec(**trial.config["trial"]).id
@@ -338,9 +338,8 @@ class _LiveDisplayMixin:
         st["status"] = "failed"
         self._update()
 
-    def render(self) -> Any:
-        from rich.table import Table
-
+    def summary(self) -> str:
+        """One line: trials done / running / pending / failed / diverged, elapsed and remaining time."""
         counts = {"completed": 0, "running": 0, "failed": 0, "diverged": 0}
         for st in self.state.values():
             counts[st.get("status", "running")] = counts.get(st.get("status", "running"), 0) + 1
@@ -352,11 +351,15 @@ class _LiveDisplayMixin:
             mean = sum(self.durations) / len(self.durations)
             remaining = (self.total - finished) * mean / max(1, self.concurrency)
             eta = _fmt(remaining)
-        title = (
+        return (
             f"trials: {counts['completed']} done, {counts['running']} running, {pending} pending, "
             f"{counts['failed']} failed, {counts['diverged']} diverged — elapsed {_fmt(elapsed)}, remaining ~{eta}"
         )
-        table = Table(title=title, title_justify="left", expand=False)
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=self.summary(), title_justify="left", expand=False)
         table.add_column("running trial")
         table.add_column("epoch", justify="right")
         table.add_column("main metric", justify="right")
