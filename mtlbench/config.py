@@ -198,7 +198,6 @@ def load_config(
     path: str | Path | None,
     profile: str | None = None,
     sets: list[str] | None = None,
-    auto_profile: bool = False,
 ) -> Config:
     """Read, merge and validate a benchmark config. ``path=None`` gives the defaults."""
     source = str(path) if path is not None else "<defaults>"
@@ -213,13 +212,13 @@ def load_config(
             raise ConfigError(f"{p}: not valid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not a UTF-8 text file") from None
-    raw = apply_profile(raw, profile, source, auto_profile)
+    raw = apply_profile(raw, profile, source)
     for item in sets or []:
         apply_override(raw, item)
     return validate_config(raw, source)
 
 
-def apply_profile(raw: dict[str, Any], profile: str | None, source: str, auto_profile: bool = False) -> dict[str, Any]:
+def apply_profile(raw: dict[str, Any], profile: str | None, source: str) -> dict[str, Any]:
     """Deep-merge ``[profiles.NAME]`` over the base; drop the profiles table."""
     raw = copy.deepcopy(raw)
     profiles = raw.pop("profiles", {})

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from mtlbench.api import EvalVolume
 from mtlbench.config import validate_config
 from mtlbench.data.cache import build_cache, load_patient, open_cache
-from mtlbench.engine.train import CHECKPOINT, RESULT, build_components, make_model, predict_volume
+from mtlbench.engine.train import CHECKPOINT, RESULT, build_components, eval_volume, make_model, predict_volume
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.devices import memory_format
 from mtlbench.errors import DataError
@@ -56,17 +55,6 @@ def predict_trial(trial_dir: str | Path, out_dir: str | Path, device: str = "cpu
         p = load_patient(cache, pid)
         outputs = predict_volume(model, p.image, device)
         for task in comp.model_tasks:
-            vol = EvalVolume(
-                patient=pid,
-                output=outputs[task],
-                labels=p.labels,
-                heatmaps=p.heatmaps,
-                index_to_physical=p.index_to_physical,
-                geometry=p.geometry,
-                orig_labels=p.orig_labels,
-                landmarks=p.landmarks,
-                organs=tuple(info.organs),
-                final=True,
-            )
+            vol = eval_volume(p, outputs[task], tuple(info.organs), final=True)
             written.extend(comp.tasks[task].export(vol, out_dir))
     return written

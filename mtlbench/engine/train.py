@@ -11,7 +11,7 @@ import math
 import resource
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,6 +111,22 @@ def predict_volume(model: MultiTaskModel, image: np.ndarray, device: str, batch_
     return {t: np.concatenate(v, axis=0) for t, v in outs.items()}
 
 
+def eval_volume(rec: Any, output: np.ndarray, organs: tuple[str, ...], final: bool) -> EvalVolume:
+    """A cached patient record and one task's output over its slices, as tasks receive them."""
+    return EvalVolume(
+        patient=rec.id,
+        output=output,
+        labels=rec.labels,
+        heatmaps=rec.heatmaps,
+        index_to_physical=rec.index_to_physical,
+        geometry=rec.geometry,
+        orig_labels=rec.orig_labels,
+        landmarks=rec.landmarks,
+        organs=organs,
+        final=final,
+    )
+
+
 def evaluate(
     model: MultiTaskModel,
     comp: Components,
@@ -127,18 +143,7 @@ def evaluate(
         outputs[rec.id] = out
         row: dict[str, Any] = {"patient": rec.id}
         for task in comp.model_tasks:
-            vol = EvalVolume(
-                patient=rec.id,
-                output=out[task],
-                labels=rec.labels,
-                heatmaps=rec.heatmaps,
-                index_to_physical=rec.index_to_physical,
-                geometry=rec.geometry,
-                orig_labels=rec.orig_labels,
-                landmarks=rec.landmarks,
-                organs=organs,
-                final=final,
-            )
+            vol = eval_volume(rec, out[task], organs, final)
             for key, value in comp.tasks[task].evaluate(vol).items():
                 row[f"{task}/{key}"] = float(value)
         per_patient.append(row)
@@ -247,14 +252,7 @@ def run_trial(
     steps_per_epoch = max(1, math.ceil(per_epoch / tc.batch_size))
     history: list[dict[str, Any]] = []
     record: dict[str, Any] = {
-        "id": spec.id,
-        "dir": str(out_dir),
-        "fold": spec.fold,
-        "strategy": spec.strategy,
-        "use": cfg.strategy_use(spec.strategy),
-        "params": spec.params,
-        "seed": spec.seed,
-        "compare_to": cfg.strategies[spec.strategy].compare_to,
+        **base_record(spec, cfg, out_dir),
         "status": "running",
         "error": None,
         "device": device,
@@ -357,8 +355,8 @@ def _acc(sums: dict[str, float], counts: dict[str, int], key: str, value: float,
         counts[key] = counts.get(key, 0) + 1
 
 
-def failed_record(spec: TrialSpec, cfg: Config, out_dir: str | Path, exc: BaseException) -> dict[str, Any]:
-    """The record of a trial that raised."""
+def base_record(spec: TrialSpec, cfg: Config, out_dir: str | Path) -> dict[str, Any]:
+    """The fields that identify a trial in results.json, whatever its outcome."""
     return {
         "id": spec.id,
         "dir": str(out_dir),
@@ -368,6 +366,13 @@ def failed_record(spec: TrialSpec, cfg: Config, out_dir: str | Path, exc: BaseEx
         "params": spec.params,
         "seed": spec.seed,
         "compare_to": cfg.strategies[spec.strategy].compare_to if spec.strategy in cfg.strategies else None,
+    }
+
+
+def failed_record(spec: TrialSpec, cfg: Config, out_dir: str | Path, exc: BaseException) -> dict[str, Any]:
+    """The record of a trial that raised."""
+    return {
+        **base_record(spec, cfg, out_dir),
         "status": "failed",
         "error": f"{type(exc).__name__}: {exc}",
         "traceback": "".join(traceback.format_exception(exc))[-4000:],
@@ -379,6 +384,3 @@ def failed_record(spec: TrialSpec, cfg: Config, out_dir: str | Path, exc: BaseEx
         "config": cfg.to_toml_dict(),
     }
 
-
-def spec_dict(spec: TrialSpec) -> dict[str, Any]:
-    return asdict(spec)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import math
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any, Iterator
 from mtlbench.config import Config, to_toml
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.errors import ConfigError, DataError
-from mtlbench.fsutil import write_json, write_text
+from mtlbench.fsutil import write_text
 from mtlbench.orchestrate.grid import expand
 from mtlbench.orchestrate.results import (
     finished_record,
@@ -374,6 +373,3 @@ def _fmt(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
 
-
-def concurrency_for(cpus_total: float, cpus_per_trial: float) -> int:
-    return max(1, math.floor(cpus_total / cpus_per_trial))
