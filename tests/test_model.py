@@ -149,3 +149,20 @@ def test_conv_head_structure():
     assert no_bn(torch.randn(1, 8, 4, 4)).shape == (1, 2, 4, 4)
     with pytest.raises(Exception):
         ConvHeadParams(convs=-1)
+
+
+def test_coordinate_channels_break_translation_symmetry():
+    import torch
+
+    from mtlbench.engine.model import UNetTrunk, coordinate_channels
+
+    c = coordinate_channels(torch.zeros(2, 1, 4, 6))
+    assert c.shape == (2, 2, 4, 6)
+    assert torch.allclose(c[0, 0, :, 0], torch.linspace(-1, 1, 4)) and torch.allclose(c[0, 1, 0], torch.linspace(-1, 1, 6))
+    torch.manual_seed(0)
+    trunk = UNetTrunk(1, [4, 8], coordinates=True).eval()
+    assert trunk.encoders[0][0].in_channels == 3
+    with torch.no_grad():
+        out = trunk(torch.zeros(1, 1, 8, 8))
+    # a constant image gives position-dependent features only because of the coordinates
+    assert not torch.allclose(out[0, :, 2, 1], out[0, :, 2, 6])
