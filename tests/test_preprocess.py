@@ -245,7 +245,7 @@ def test_preprocess_patient_shapes_and_groups():
     assert prep.labels.shape == (12, 24, 30) and prep.labels.dtype == np.uint8
     assert prep.orig_labels.shape == (12, 36, 40) and set(np.unique(prep.orig_labels)) == {0, 1}
     assert prep.heatmaps.shape == (1, 12, 24, 30)
-    assert prep.landmark_names == ["renal_pelvis_right"]  # "other" is not configured; left one missing
+    assert [lm.name for lm in prep.landmarks] == ["renal_pelvis_right"]  # "other" is not configured; left one missing
     assert prep.image.min() >= -2.048 and prep.image.max() <= 2.048
     np.testing.assert_allclose(prep.index_to_physical, cache_affine(geom, (24, 30)))
     assert prep.heatmaps.max() > 0.9

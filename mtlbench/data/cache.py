@@ -254,8 +254,8 @@ def _write_patient(grp: Any, p: PreparedPatient) -> None:
     grp.create_dataset("orig_labels", data=p.orig_labels, chunks=(1, y, x), **_COMPRESSION)
     grp.attrs["index_to_physical"] = np.asarray(p.index_to_physical, dtype=np.float64)
     grp.attrs["geometry"] = json.dumps(p.geometry.to_dict())
-    grp.attrs["landmark_names"] = json.dumps(p.landmark_names)
-    grp.attrs["landmark_positions"] = np.asarray(p.landmark_positions, dtype=np.float64).reshape(-1, 3)
+    grp.attrs["landmark_names"] = json.dumps([lm.name for lm in p.landmarks])
+    grp.attrs["landmark_positions"] = np.array([lm.position for lm in p.landmarks], dtype=np.float64).reshape(-1, 3)
     grp.attrs["files"] = json.dumps(p.files)
 
 
@@ -318,21 +318,6 @@ class SliceData:
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
-
-
-@dataclass
-class PatientRecord:
-    """Everything the cache holds about one patient."""
-
-    id: str
-    image: np.ndarray  # (S, H, W) float32
-    labels: np.ndarray  # (S, H, W) uint8
-    heatmaps: np.ndarray  # (C, S, H, W) float32
-    orig_labels: np.ndarray  # (Z, Y, X) uint8
-    index_to_physical: np.ndarray  # 4x4
-    geometry: Geometry
-    landmarks: list[Landmark]
-    files: dict[str, str]
 
 
 @contextlib.contextmanager
@@ -434,13 +419,13 @@ def load_slices(
     return out
 
 
-def load_patient(path: str | Path, pid: str) -> PatientRecord:
+def load_patient(path: str | Path, pid: str) -> PreparedPatient:
     """Everything the cache holds about patient ``pid`` (DataError if unknown)."""
     with _open_complete(path) as f:
         grp = _patient_group(f, path, pid)
         names = json.loads(grp.attrs["landmark_names"])
         positions = np.asarray(grp.attrs["landmark_positions"], dtype=np.float64).reshape(-1, 3)
-        return PatientRecord(
+        return PreparedPatient(
             id=pid,
             image=grp["image"][...],
             labels=grp["labels"][...],

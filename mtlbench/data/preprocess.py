@@ -259,7 +259,7 @@ def label_map(
 
 @dataclass
 class PreparedPatient:
-    """One patient's cache content (see the HDF5 layout in the contract)."""
+    """One patient's cache content, as written by the cache builder and read back by ``load_patient``."""
 
     id: str
     image: np.ndarray  # (S, H, W) float32
@@ -268,8 +268,7 @@ class PreparedPatient:
     orig_labels: np.ndarray  # (Z, Y, X) uint8
     index_to_physical: np.ndarray  # 4x4, cache (s, r, c) -> LPS
     geometry: Geometry
-    landmark_names: list[str]
-    landmark_positions: np.ndarray  # (N, 3) float64 LPS
+    landmarks: list[Landmark]  # the configured ones present, LPS
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -338,7 +337,6 @@ def preprocess_patient(patient: Patient, cfg: "Config") -> PreparedPatient:
         orig_labels=orig_labels,
         index_to_physical=affine,
         geometry=geometry,
-        landmark_names=names,
-        landmark_positions=positions,
+        landmarks=landmarks,
         files=dict(patient.files),
     )
