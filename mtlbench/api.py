@@ -5,14 +5,15 @@ A plugin provides tasks, heads, strategies and dataset sources by calling the
 *class* deriving from one of the bases below. mtlbench instantiates it with the
 plugin's validated parameters (its ``Params`` pydantic model) when a run needs it.
 
-Nothing here imports torch at module level, so listing plugins stays cheap;
-torch types appear only in annotations.
+Nothing here imports torch or anything of mtlbench's at module level, so
+listing plugins stays cheap and every other module may import this one; torch
+types appear only in annotations. docs/plugins.md describes every member.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from mtlbench.config import Config
 
 
 class Params(BaseModel):
@@ -104,6 +104,21 @@ class Patient:
     files: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a run asks of a dataset source: which organs and landmarks, and how strict to be.
+
+    ``organs`` and ``landmarks`` are ``data.organs`` and ``data.landmarks``;
+    ``mask_mismatch`` ("error" or "resample") and ``geometry_tolerance`` (mm)
+    say what to do with a mask whose grid differs from its image's.
+    """
+
+    organs: tuple[str, ...]
+    landmarks: tuple[str, ...] = ()
+    mask_mismatch: Literal["error", "resample"] = "error"
+    geometry_tolerance: float = 1e-3
+
+
 class DatasetSource:
     """Reads patients from somewhere (files, a service, a generator).
 
@@ -116,9 +131,9 @@ class DatasetSource:
     description: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, params: Params, config: "Config") -> None:
+    def __init__(self, params: Params, request: SourceRequest) -> None:
         self.params = params
-        self.config = config
+        self.request = request
 
     def patient_ids(self) -> list[str]:
         raise NotImplementedError
@@ -130,16 +145,135 @@ class DatasetSource:
         raise NotImplementedError
 
 
+# --------------------------------------------------------------------------- targets
+
+
+WARPS: tuple[str, ...] = ("nearest", "linear", "points", "none")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One array a task learns from, computed once per patient by ``Task.prepare``.
+
+    ``name`` is unique within the task (``"labels"`` and ``"image"`` are the
+    core's). A per-slice target (``per_slice`` True, the default) lives on the
+    cache grid, one entry per slice, and is batched for training; its shape
+    per patient depends on ``warp``, which also says how augmentation moves it:
+
+    * ``"nearest"`` (discrete maps) and ``"linear"`` (continuous maps):
+      (S, channels, H, W), resampled by the batch's affine with nearest or
+      bilinear interpolation; pixels that come from outside the slice get
+      ``fill``;
+    * ``"points"``: (S, channels, 2) in-plane positions (row, col) in cache
+      pixel units (continuous; pixel centres are integers); the affine is
+      applied to the coordinates; NaN marks an absent point and stays NaN;
+    * ``"none"``: (S, channels), per-slice values that an in-plane affine does
+      not change (e.g. "the landmark is within 5 mm of this slice").
+
+    A per-patient target (``per_slice`` False) may have any shape (e.g. a map
+    on the original image grid, or 3-D positions); it is not batched or
+    augmented and comes back only at evaluation, in ``EvalVolume.targets``.
+    ``dtype`` is a numpy dtype name; the arrays are stored in that dtype.
+    """
+
+    name: str
+    channels: int
+    dtype: str = "float32"
+    warp: Literal["nearest", "linear", "points", "none"] = "linear"
+    fill: float = 0.0
+    per_slice: bool = True
+
+    def slice_shape(self, slice_size: tuple[int, int]) -> tuple[int, ...]:
+        """The shape of one slice's entry (per-slice targets only)."""
+        if self.warp in ("nearest", "linear"):
+            return (self.channels, int(slice_size[0]), int(slice_size[1]))
+        if self.warp == "points":
+            return (self.channels, 2)
+        return (self.channels,)
+
+
+@dataclass(frozen=True)
+class CacheGrid:
+    """The slice grid of one patient's cache entry, handed to ``Task.prepare``.
+
+    ``shape`` is (S, H, W): the original volume's slices (numpy axis 0),
+    each resized in-plane to ``preprocess.slice_size``. ``index_to_physical``
+    maps a cache index (slice, row, col, 1) to LPS mm; ``geometry`` is the
+    original image grid. Pixel centres are aligned: cache pixel (r, c) is
+    centred on original continuous index j = (r + 0.5) * Y / H - 0.5,
+    i = (c + 0.5) * X / W - 0.5.
+    """
+
+    shape: tuple[int, int, int]
+    index_to_physical: np.ndarray
+    geometry: Geometry
+
+    def resample(self, volume: np.ndarray, mode: Literal["linear", "nearest"] = "linear") -> np.ndarray:
+        """A (Z, Y, X) array on the original grid -> (S, H, W) on the cache grid.
+
+        ``"linear"``: antialiased bilinear, float32 (the image's own resize);
+        ``"nearest"``: centre-aligned nearest neighbour, dtype kept (the labels').
+        """
+        from mtlbench.data.grid import resize_slices
+
+        expected = tuple(reversed(self.geometry.size))
+        if tuple(np.shape(volume)) != expected:
+            raise ValueError(f"resample expects a volume of shape {expected} (z, y, x), got {np.shape(volume)}")
+        return resize_slices(volume, self.shape[1:], "nearest-exact" if mode == "nearest" else "bilinear")
+
+    def to_index(self, points_lps: np.ndarray) -> np.ndarray:
+        """(N, 3) LPS points (mm) -> (N, 3) continuous cache indices (slice, row, col)."""
+        from mtlbench.data.grid import physical_to_index
+
+        return physical_to_index(points_lps, self.index_to_physical)
+
+    def to_physical(self, indices: np.ndarray) -> np.ndarray:
+        """(N, 3) continuous cache indices (slice, row, col) -> (N, 3) LPS points (mm)."""
+        from mtlbench.data.grid import index_to_physical
+
+        return index_to_physical(indices, self.index_to_physical)
+
+    def spacing(self) -> tuple[float, float, float]:
+        """The physical size (mm) of one cache step along slice, row and col."""
+        lin = np.asarray(self.index_to_physical, dtype=np.float64)[:3, :3]
+        return tuple(float(v) for v in np.linalg.norm(lin, axis=0))  # type: ignore[return-value]
+
+
+@dataclass
+class CachedPatient:
+    """One patient as the slice cache holds it (``mtlbench.data.cache.load_patient``).
+
+    ``image`` (S, H, W) float32 and ``labels`` (S, H, W) uint8 (0 background,
+    i = ``organs[i - 1]``) are on the cache grid; ``orig_labels`` (Z, Y, X)
+    uint8 on the original grid ``geometry``; ``index_to_physical`` maps cache
+    indices to LPS mm; ``landmarks`` are the configured ones the patient has;
+    ``targets`` maps task label -> target name -> the arrays its
+    ``Task.prepare`` returned.
+    """
+
+    id: str
+    image: np.ndarray
+    labels: np.ndarray
+    orig_labels: np.ndarray
+    index_to_physical: np.ndarray
+    geometry: Geometry
+    landmarks: list[Landmark] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    targets: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def grid(self) -> CacheGrid:
+        return CacheGrid(tuple(int(v) for v in self.image.shape), self.index_to_physical, self.geometry)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- model
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a task or head may need to know about the prepared data."""
+    """What a task or head may need to know about the data: the configured organs and landmarks, the slice size."""
 
     organs: tuple[str, ...]
     landmarks: tuple[str, ...]
-    heatmap_channels: int
     slice_size: tuple[int, int]
 
 
@@ -153,53 +287,114 @@ class MetricInfo:
 
 @dataclass
 class EvalVolume:
-    """One test patient, handed to ``Task.evaluate``.
+    """One test patient and one task's output, handed to ``Task.evaluate``, ``export`` and ``pictures``.
 
     ``output`` is the task's raw network output over all slices, numpy
-    (slices, channels, H, W), float32. ``cache`` gives the patient's cached
-    arrays (``labels``, ``heatmaps``), ``index_to_physical`` (4x4, cache index
-    (slice, row, col) -> LPS mm), ``geometry`` (the original image grid),
-    ``orig_labels`` (ground-truth label map on the original grid, numpy order)
-    and ``landmarks`` (the patient's LPS landmarks).
+    (S, channels, H, W) float32; ``targets`` are the task's own cached
+    targets (what its ``prepare`` returned, per-slice ones as (S, ...));
+    ``record`` is the whole cached patient, whose fields are also reachable
+    directly (``volume.labels``, ``volume.geometry`` ...). ``final`` asks for
+    the expensive metrics (original-grid resampling, surface distances).
     """
 
-    patient: str
+    record: CachedPatient
     output: np.ndarray
-    labels: np.ndarray
-    heatmaps: np.ndarray
-    index_to_physical: np.ndarray
-    geometry: Geometry
-    orig_labels: np.ndarray
-    landmarks: list[Landmark]
-    organs: tuple[str, ...]
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
     final: bool = False
+
+    @property
+    def patient(self) -> str:
+        return self.record.id
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.record.image
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.record.labels
+
+    @property
+    def orig_labels(self) -> np.ndarray:
+        return self.record.orig_labels
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.record.geometry
+
+    @property
+    def index_to_physical(self) -> np.ndarray:
+        return self.record.index_to_physical
+
+    @property
+    def landmarks(self) -> list[Landmark]:
+        return self.record.landmarks
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One element of a trial's example figure, drawn by the report on one test slice.
+
+    ``style`` says how: ``"labels"`` draws integer maps (H, W) over the CT
+    (truth green, prediction red, both yellow); ``"map"`` draws two panels
+    (truth, prediction) of a non-negative float map on one colour scale;
+    ``"signed"`` the same with a diverging scale centred on 0; ``"points"``
+    draws (K, 2) in-plane positions (row, col) over the CT (NaN rows
+    skipped). ``truth`` or ``pred`` may be None. ``unit`` labels a colour bar.
+    """
+
+    title: str
+    style: Literal["labels", "map", "signed", "points"]
+    truth: np.ndarray | None = None
+    pred: np.ndarray | None = None
+    unit: str = ""
 
 
 class Task:
-    """A learning objective: targets, loss, metrics.
+    """A learning objective: its targets, loss, metrics and pictures.
 
-    ``target`` is the key of the batch tensor the task learns
-    (``"labels"``: (B, H, W) int64, or ``"heatmaps"``: (B, C, H, W) float32).
     ``kind`` tells loss-weighting strategies whether the loss is
     classification-like or regression-like (uncertainty weighting uses it).
+    A task that needs more than the core's segmentation labels declares its
+    arrays in ``targets`` and computes them in ``prepare``, once per patient
+    when the slice cache is built.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     kind: ClassVar[Literal["classification", "regression"]]
-    target: ClassVar[str]
     head: ClassVar[str] = "conv"
     Params: ClassVar[type[Params]] = Params
+    # Bump when ``prepare`` computes something different for the same settings:
+    # it is part of the slice cache's key.
+    target_version: ClassVar[int] = 1
 
     def __init__(self, params: Params, info: DatasetInfo) -> None:
         self.params = params
         self.info = info
 
+    def targets(self) -> list[Target]:
+        """The arrays ``prepare`` returns (default: none; the core's ``labels`` are always there)."""
+        return []
+
+    def target_settings(self) -> dict[str, Any]:
+        """What determines ``prepare``'s output, for the cache key (default: all of ``params``)."""
+        return self.params.model_dump(mode="json")
+
+    def prepare(self, patient: Patient, grid: CacheGrid) -> dict[str, np.ndarray]:
+        """This patient's targets: {target name: array} in each ``Target``'s shape and dtype."""
+        return {}
+
     def out_channels(self) -> int:
         raise NotImplementedError
 
-    def loss(self, output: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
-        """Scalar loss of one batch (already reduced)."""
+    def loss(self, output: "torch.Tensor", batch: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":
+        """Scalar loss of one batch (already reduced).
+
+        ``output`` is the tail's (B, channels, H, W); ``batch`` holds
+        ``"labels"`` (B, H, W) int64 and this task's per-slice targets by
+        name, augmented, as (B, ...) tensors on the training device.
+        """
         raise NotImplementedError
 
     def metrics(self) -> dict[str, MetricInfo]:
@@ -220,6 +415,10 @@ class Task:
         segmentation task writes ``<patient>_labels.nii.gz`` on the original
         grid, the landmark task ``<patient>_landmarks.fcsv``.
         """
+        return []
+
+    def pictures(self, volume: EvalVolume, index: int) -> list[Picture]:
+        """What the report shows of this task on slice ``index`` of a test patient (optional)."""
         return []
 
 

@@ -96,7 +96,8 @@ def console() -> Any:
 
 def load(config: Path, profile: Optional[str], sets: Optional[List[str]], auto_profile: bool = False) -> Any:
     """Load, validate and resolve plugins of a config; announce an automatic profile."""
-    from mtlbench.config import load_config, resolve_plugins
+    from mtlbench.assemble import resolve_plugins
+    from mtlbench.config import load_config
 
     cfg = load_config(config, profile, sets)
     remote = bool(os.environ.get("RAY_ADDRESS")) or _STATE.get("address") is not None
@@ -165,7 +166,7 @@ def data_phantom(
     """Write the synthetic abdominal-CT phantom (NIfTI, .fcsv, manifest.csv) into OUT."""
     from rich.progress import Progress
 
-    from mtlbench.data.phantom import generate_phantom
+    from mtlbench.builtin.phantom import generate_phantom
 
     with Progress(transient=True) as bar:
         job = bar.add_task("phantom", total=patients)

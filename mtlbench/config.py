@@ -4,7 +4,8 @@
 ``[profiles.NAME]`` table over the base, applies ``--set a.b=value`` overrides,
 and validates the result into a typed :class:`Config`. Plugin parameter tables
 (``tasks.*.params``, ``strategies.*.params``, ``data.<source>``, heads) are
-validated against the plugin's own ``Params`` model by :func:`resolve_plugins`.
+validated against the plugin's own ``Params`` model by
+``mtlbench.assemble.resolve_plugins``; this module knows no plugin.
 Every error is a :class:`ConfigError` whose message is one line naming the file
 and the key path, with a "did you mean" suggestion for misspelt keys.
 """
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtlbench.errors import ConfigError, PluginError
+from mtlbench.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -46,7 +47,7 @@ class ExperimentConfig(Section):
 
 class DataConfig(Section):
     # Each registered dataset source's parameters live in ``[data.<source>]``;
-    # they are kept as raw tables here and validated by resolve_plugins().
+    # they are kept as raw tables here and validated by mtlbench.assemble.resolve_plugins().
     model_config = ConfigDict(extra="allow")
 
     source: str = "phantom"
@@ -56,13 +57,18 @@ class DataConfig(Section):
     geometry_tolerance: Annotated[float, Field(gt=0)] = 1e-3
 
 
+#: Keys that left ``[preprocess]`` for a task's params: old key -> where it lives now.
+MOVED_PREPROCESS_KEYS = {
+    "sigma_mm": "tasks.landmarks.params.sigma_mm",
+    "truncate": "tasks.landmarks.params.truncate",
+    "landmark_groups": "tasks.landmarks.params.groups",
+}
+
+
 class PreprocessConfig(Section):
     clamp: tuple[float, float] = (-1024.0, 1024.0)
     scale: Annotated[float, Field(gt=0)] = 500.0
     slice_size: tuple[PositiveInt, PositiveInt] = (256, 256)
-    sigma_mm: Annotated[float, Field(gt=0)] = 5.0
-    truncate: Annotated[float, Field(gt=0)] = 4.0
-    landmark_groups: list[list[str]] | None = None
 
     @field_validator("clamp")
     @classmethod
@@ -273,6 +279,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    pre = raw.get("preprocess")
+    for old, new in MOVED_PREPROCESS_KEYS.items():
+        if isinstance(pre, dict) and old in pre:
+            raise ConfigError(f"{source}: preprocess.{old} has moved to the landmarks task: set {new} instead")
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
@@ -356,53 +366,6 @@ def validate_params(model: type[BaseModel], data: dict[str, Any], where: str) ->
         return model.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, model, tuple(where.split(".")))) from None
-
-
-def resolve_plugins(cfg: Config, manager: Any = None, source: str = "<config>") -> None:
-    """Check every plugin name and parameter table in ``cfg`` against the loaded plugins."""
-    from mtlbench.plugins import get_manager
-
-    manager = manager or get_manager()
-
-    def get(kind: str, name: str, where: str) -> Any:
-        try:
-            return manager.get(kind, name).obj
-        except PluginError as exc:
-            raise ConfigError(f"{source}: {where}: {exc}") from None
-
-    try:
-        src = get("datasets", cfg.data.source, "data.source")
-        for key in cfg.data.model_extra or {}:
-            if key not in manager.registry("datasets"):
-                names = list(DataConfig.model_fields) + manager.registry("datasets").names()
-                hint = difflib.get_close_matches(key, names, n=1)
-                extra = f" (did you mean 'data.{hint[0]}'?)" if hint else ""
-                raise ConfigError(f"unknown key 'data.{key}'{extra}")
-        validate_params(src.Params, cfg.source_params(), f"data.{cfg.data.source}")
-        for label, entry in cfg.tasks.items():
-            task = get("tasks", cfg.task_use(label), f"tasks.{label}")
-            validate_params(task.Params, entry.params, f"tasks.{label}.params")
-            head = get("heads", entry.head or task.head, f"tasks.{label}.head")
-            validate_params(head.Params, entry.head_params, f"tasks.{label}.head_params")
-        for label, entry in cfg.strategies.items():
-            strat = get("strategies", cfg.strategy_use(label), f"strategies.{label}")
-            for point in expand_grid(entry):
-                params = validate_params(strat.Params, point, f"strategies.{label}.params")
-                try:  # strategies check their params against the tasks (e.g. joint's weights)
-                    strat(params, list(cfg.tasks), cfg.experiment.main_task)
-                except ConfigError as exc:
-                    raise ConfigError(f"strategies.{label}: {exc}") from None
-            validate_params(TrainConfig, deep_merge(cfg.train.model_dump(), entry.train), f"strategies.{label}.train")
-            if entry.compare_to is not None and entry.compare_to not in cfg.strategies:
-                raise ConfigError(f"strategies.{label}.compare_to: no strategy {entry.compare_to!r}")
-        if cfg.experiment.baseline not in cfg.strategies:
-            raise ConfigError(
-                f"experiment.baseline: no strategy {cfg.experiment.baseline!r}; "
-                f"have: {', '.join(cfg.strategies)}"
-            )
-    except ConfigError as exc:
-        msg = str(exc)
-        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
 def expand_grid(entry: StrategyEntry) -> list[dict[str, Any]]:

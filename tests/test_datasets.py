@@ -273,8 +273,8 @@ def test_visceral_errors(tmp_path: Path) -> None:
 
 
 def test_phantom_source(tmp_path: Path) -> None:
-    pytest.importorskip("mtlbench.data.phantom", reason="mtlbench/data/phantom.py is not written yet")
-    from mtlbench.data.phantom import PHANTOM_VERSION
+    pytest.importorskip("mtlbench.builtin.phantom", reason="mtlbench/builtin/phantom/ is not written yet")
+    from mtlbench.builtin.phantom import PHANTOM_VERSION
     from mtlbench.paths import cache_dir
 
     source = make_source(PhantomSource, {"source": "phantom", "phantom": {"patients": 2, "seed": 1}})

@@ -12,18 +12,22 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from mtlbench.data import phantom as ph
-from mtlbench.data.landmarks import read_fcsv
-from mtlbench.data.phantom import (
+from mtlbench.builtin import phantom as ph
+from mtlbench.builtin.phantom import (
     LANDMARKS,
     MANIFEST_COLUMNS,
     ORGANS,
     PHANTOM_VERSION,
     Tissue,
+    anatomy,
+    canvas,
     ensure_phantom,
+    generate,
     generate_phantom,
+    intensity,
     phantom_patient,
 )
+from mtlbench.data.landmarks import read_fcsv
 from mtlbench.errors import DataError
 
 SEED = 7
@@ -155,7 +159,7 @@ def test_ensure_reuses_complete_set(dataset, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("must not regenerate")
 
-    monkeypatch.setattr(ph, "_generate_into", fail)
+    monkeypatch.setattr(generate, "_generate_into", fail)
     assert ensure_phantom(dataset, 2, SEED) == dataset / "manifest.csv"
 
 
@@ -168,14 +172,14 @@ def test_ensure_refuses_foreign_folder(tmp_path):
 
 def test_ensure_loses_race_and_uses_winner(tmp_path, monkeypatch):
     out = tmp_path / "race"
-    real = ph._generate_into
+    real = generate._generate_into
 
     def generate_and_lose(folder, patients, seed, progress, workers=None):
         real(folder, patients, seed, progress, workers)
         shutil.copytree(folder, out)  # another process finished first
         (out / "winner").write_text("w")
 
-    monkeypatch.setattr(ph, "_generate_into", generate_and_lose)
+    monkeypatch.setattr(generate, "_generate_into", generate_and_lose)
     assert ensure_phantom(out, 1, 3) == out / "manifest.csv"
     assert (out / "winner").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["race"]  # our temporary folder is gone
@@ -327,10 +331,10 @@ def test_docs_hu_table_matches_code():
 def test_outside_reconstruction_circle_is_minus_2048():
     x = np.arange(64) * 0.8 - 25.0
     z = np.arange(3) * 3.0
-    cv = ph._Canvas(x, x.copy(), z, (0.0, 0.0), 0.0)
+    cv = canvas._Canvas(x, x.copy(), z, (0.0, 0.0), 0.0)
     cv.lab[:] = Tissue.MUSCLE
-    ph._mark_outside_fov(cv)
-    image, _ = ph._to_hu(cv.lab, np.random.default_rng(0), (0.8, 0.8, 3.0))
+    anatomy._mark_outside_fov(cv)
+    image, _ = intensity._to_hu(cv.lab, np.random.default_rng(0), (0.8, 0.8, 3.0))
     assert image.dtype == np.int16
     corner, centre = (slice(None), slice(0, 3), slice(0, 3)), (slice(None), slice(28, 36), slice(28, 36))
     assert (image[corner] == -2048).all()

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtlbench.api import Geometry, Landmark  # noqa: E402
-from mtlbench.data.phantom import patient_id, phantom_patient  # noqa: E402
+from mtlbench.builtin.phantom import patient_id, phantom_patient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "realdata" / "totalsegmentator"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from mtlbench import hookimpl
-from mtlbench.api import DatasetSource, Patient, Params
+from mtlbench.api import DatasetSource, Params, Patient, SourceRequest
 from mtlbench.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,10 +92,10 @@ class EntrySource(DatasetSource):
         return self.entry(patient_id).file_list()
 
     def load(self, patient_id: str) -> Patient:
-        return load_entry(self.entry(patient_id), self.config)
+        return load_entry(self.entry(patient_id), self.request)
 
 
-def load_entry(entry: Entry, config) -> Patient:
+def load_entry(entry: Entry, request: SourceRequest) -> Patient:
     """Read one patient's volume, the configured organs' masks and landmarks."""
     import numpy as np
 
@@ -104,14 +104,14 @@ def load_entry(entry: Entry, config) -> Patient:
     image, geometry = read_volume(entry.image)
     labels_by_file: dict[Path, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
-    for organ in config.data.organs:
+    for organ in request.organs:
         spec = entry.masks[organ]
         if spec.path not in labels_by_file:  # a label map shared by several organs is read once
             labels_by_file[spec.path] = read_label_image(
                 spec.path,
                 geometry,
-                on_mismatch=config.data.mask_mismatch,
-                tol=config.data.geometry_tolerance,
+                on_mismatch=request.mask_mismatch,
+                tol=request.geometry_tolerance,
                 image_path=entry.image,
             )
         masks[organ] = mask_from_labels(labels_by_file[spec.path], spec.label)
@@ -120,7 +120,7 @@ def load_entry(entry: Entry, config) -> Patient:
         image=image.astype(np.float32, copy=False),
         geometry=geometry,
         masks=masks,
-        landmarks=_entry_landmarks(entry, config, geometry),
+        landmarks=_entry_landmarks(entry, request, geometry),
         files=entry.roles(),
     )
 
@@ -129,18 +129,18 @@ def _norm_label(label: str) -> str:
     return re.sub(r"[\s_\-]+", "_", label.strip().casefold())
 
 
-def _entry_landmarks(entry: Entry, config, geometry) -> list["Landmark"]:
+def _entry_landmarks(entry: Entry, request: SourceRequest, geometry) -> list["Landmark"]:
     """The configured landmarks present in the patient's file, in configured order, inside the image."""
     from mtlbench.api import Landmark
     from mtlbench.data.landmarks import filter_inside, read_landmarks
 
-    if entry.landmarks is None or not config.data.landmarks:
+    if entry.landmarks is None or not request.landmarks:
         return []
     by_label: dict[str, Landmark] = {}
     for lm in read_landmarks(entry.landmarks):
         by_label.setdefault(_norm_label(lm.name), lm)
     found = []
-    for name in config.data.landmarks:
+    for name in request.landmarks:
         lm = by_label.get(_norm_label(entry.landmark_labels.get(name, name)))
         if lm is not None:
             found.append(Landmark(name, lm.position))
@@ -235,12 +235,12 @@ class ManifestSource(EntrySource):
     class Params(Params):
         path: str
 
-    def __init__(self, params, config) -> None:
-        super().__init__(params, config)
+    def __init__(self, params, request) -> None:
+        super().__init__(params, request)
         self.csv_path = Path(params.path).expanduser().resolve()
 
     def read_entries(self) -> dict[str, Entry]:
-        return read_manifest(self.csv_path, list(self.config.data.organs))
+        return read_manifest(self.csv_path, list(self.request.organs))
 
 
 # ----------------------------------------------------------------------------- VISCERAL
@@ -273,8 +273,8 @@ class VisceralSource(EntrySource):
         organ_ids: dict[str, str] = dict(DEFAULT_ORGAN_IDS)
         landmark_ids: dict[str, str] = dict(DEFAULT_LANDMARK_IDS)
 
-    def __init__(self, params, config) -> None:
-        super().__init__(params, config)
+    def __init__(self, params, request) -> None:
+        super().__init__(params, request)
         self.root = Path(params.root).expanduser().resolve()
 
     def folder(self, name: str) -> Path:
@@ -285,7 +285,7 @@ class VisceralSource(EntrySource):
 
     def read_entries(self) -> dict[str, Entry]:
         p = self.params
-        organs = list(self.config.data.organs)
+        organs = list(self.request.organs)
         for organ in organs:
             if organ not in p.organ_ids:
                 raise DataError(
@@ -300,7 +300,7 @@ class VisceralSource(EntrySource):
         seg_names = sorted(f.name for f in self.folder(p.segmentations).iterdir())
         lm_dir = self.root / p.landmarks
         lm_names = sorted(f.name for f in lm_dir.iterdir()) if lm_dir.is_dir() else []
-        labels = {name: p.landmark_ids.get(name, name) for name in self.config.data.landmarks}
+        labels = {name: p.landmark_ids.get(name, name) for name in self.request.landmarks}
         return {
             pid: Entry(pid, image, self._masks(pid, organs, seg_names), self._landmark_file(pid, lm_names), labels)
             for pid, image in images.items()
@@ -344,7 +344,7 @@ class PhantomSource(EntrySource):
         dir: str | None = None
 
     def folder(self) -> Path:
-        from mtlbench.data.phantom import PHANTOM_VERSION
+        from mtlbench.builtin.phantom import PHANTOM_VERSION
         from mtlbench.paths import cache_dir
 
         p = self.params
@@ -353,10 +353,10 @@ class PhantomSource(EntrySource):
         return cache_dir() / "phantom" / f"v{PHANTOM_VERSION}-n{p.patients}-s{p.seed}"
 
     def read_entries(self) -> dict[str, Entry]:
-        from mtlbench.data.phantom import ensure_phantom
+        from mtlbench.builtin.phantom import ensure_phantom
 
         manifest = ensure_phantom(self.folder(), self.params.patients, self.params.seed)
-        return read_manifest(Path(manifest).resolve(), list(self.config.data.organs))
+        return read_manifest(Path(manifest).resolve(), list(self.request.organs))
 
 
 @hookimpl

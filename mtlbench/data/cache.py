@@ -1,20 +1,25 @@
 """The HDF5 slice cache: its content key, building it once (atomically, under a lock) and reading it back.
 
-Layout (see the project contract): file attrs ``format_version``, ``key``,
-``organs``, ``landmarks``, ``heatmap_groups``, ``settings``, ``patients``
-(json list of ids in source order) and ``complete``; one group
+Layout (format 2; docs/results.md describes it for users): file attrs
+``format_version``, ``key``, ``organs``, ``landmarks``, ``settings``,
+``targets`` (json: task label -> its declared ``Target`` fields),
+``patients`` (json list of ids in source order) and ``complete``; one group
 ``/patients/<id>`` per patient with datasets ``image`` (S, H, W) float32,
-``labels`` (S, H, W) uint8, ``heatmaps`` (C, S, H, W) float32 (chunked per
-slice, gzip level 1 + shuffle), ``orig_labels`` (Z, Y, X) uint8 and attrs
+``labels`` (S, H, W) uint8, ``orig_labels`` (Z, Y, X) uint8, attrs
 ``index_to_physical``, ``geometry``, ``landmark_names``,
-``landmark_positions``, ``files``.
+``landmark_positions``, ``files``, and each task's targets under
+``/patients/<id>/targets/<task label>/<target name>`` (per-slice ones with
+the slice axis first, chunked one slice at a time; gzip level 1 + shuffle).
 
 What invalidates a cache (changes its key, hence its file name): the format
 version; any ``[preprocess]`` setting; ``data.organs``, ``data.landmarks``,
-``data.mask_mismatch``, ``data.geometry_tolerance``; the resolved heatmap
-groups; the dataset source's name and parameters; the patient ids and the
-bytes of every file the source reads for them. Moving or renaming input files
-with unchanged content does not. ``experiment.name`` only names the file.
+``data.mask_mismatch``, ``data.geometry_tolerance``; for every task that
+declares targets, its label, plugin name, ``target_version``, declared
+targets and ``target_settings()``; the dataset source's name and parameters;
+the patient ids and the bytes of every file the source reads for them. Moving
+or renaming input files with unchanged content does not, and neither does a
+setting no cached array depends on (a learning rate, a loss weight).
+``experiment.name`` only names the file.
 
 Concurrency: the builder holds an exclusive ``fcntl.flock`` on
 ``<file>.lock`` and writes a temporary file beside the cache that is renamed
@@ -30,14 +35,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from mtlbench.api import DatasetInfo, DatasetSource, Geometry, Landmark
-from mtlbench.data.preprocess import PreparedPatient, heatmap_groups, preprocess_patient
+from mtlbench.api import CachedPatient, DatasetSource, Geometry, Landmark, Target, Task
+from mtlbench.data.preprocess import preprocess_patient
 from mtlbench.errors import DataError
 from mtlbench.fsutil import atomic_path
 from mtlbench.paths import cache_dir
@@ -45,10 +51,11 @@ from mtlbench.paths import cache_dir
 if TYPE_CHECKING:  # pragma: no cover
     from mtlbench.config import Config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _BLOCK = 1 << 20
 _COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
-_DATASETS = ("image", "labels", "heatmaps", "orig_labels")
+_DATASETS = ("image", "labels", "orig_labels")
+TARGETS = "targets"
 
 # (path, size, mtime_ns, inode) -> sha256: files are hashed once per process.
 _HASH_MEMO: dict[tuple[str, int, int, int], str] = {}
@@ -84,15 +91,37 @@ def file_digest(path: str | Path) -> str:
     return _HASH_MEMO[memo]
 
 
-def _settings(cfg: "Config") -> dict[str, Any]:
+def target_path(pid: str, label: str, name: str) -> str:
+    """Where a task's target of one patient lives in the cache file."""
+    return f"patients/{pid}/{TARGETS}/{label}/{name}"
+
+
+def task_settings(tasks: Mapping[str, Task]) -> dict[str, Any]:
+    """The part of the cache key that comes from the tasks: only those that declare targets."""
+    out: dict[str, Any] = {}
+    for label, task in tasks.items():
+        declared = task.targets()
+        if not declared:
+            continue
+        out[label] = {
+            "task": getattr(task, "name", type(task).__name__),
+            "class": f"{type(task).__module__}.{type(task).__qualname__}",
+            "target_version": int(getattr(task, "target_version", 1)),
+            "targets": [asdict(t) for t in declared],
+            "settings": task.target_settings(),
+        }
+    return out
+
+
+def _settings(cfg: "Config", tasks: Mapping[str, Task]) -> dict[str, Any]:
     """The configuration that determines the cache content."""
     return {
         "preprocess": cfg.preprocess.model_dump(mode="json"),
         "organs": list(cfg.data.organs),
         "landmarks": list(cfg.data.landmarks),
-        "heatmap_groups": heatmap_groups(cfg),
         "mask_mismatch": cfg.data.mask_mismatch,
         "geometry_tolerance": cfg.data.geometry_tolerance,
+        "tasks": task_settings(tasks),
     }
 
 
@@ -103,12 +132,14 @@ def _source_params(source: DatasetSource) -> Any:
     return params
 
 
-def cache_key(cfg: "Config", source: DatasetSource, patient_ids: Sequence[str] | None = None) -> str:
+def cache_key(
+    cfg: "Config", source: DatasetSource, tasks: Mapping[str, Task], patient_ids: Sequence[str] | None = None
+) -> str:
     """sha256 hex of everything that determines the cache content (see the module docstring)."""
     ids = list(source.patient_ids()) if patient_ids is None else list(patient_ids)
     payload = {
         "format_version": FORMAT_VERSION,
-        "settings": _settings(cfg),
+        "settings": _settings(cfg, tasks),
         "source": {"name": getattr(source, "name", type(source).__name__), "params": _source_params(source)},
         "patients": [[pid, [file_digest(f) for f in source.files(pid)]] for pid in ids],
     }
@@ -116,48 +147,40 @@ def cache_key(cfg: "Config", source: DatasetSource, patient_ids: Sequence[str] |
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_file(cfg: "Config", source: DatasetSource, key: str | None = None) -> Path:
-    """Where the cache for ``cfg`` and ``source`` lives: <cache_dir>/slices/<experiment>-<key[:16]>.h5."""
-    key = key or cache_key(cfg, source)
+def cache_file(cfg: "Config", key: str) -> Path:
+    """Where the cache with ``key`` lives: <cache_dir>/slices/<experiment>-<key[:16]>.h5."""
     return cache_dir() / "slices" / f"{cfg.experiment.name}-{key[:16]}.h5"
 
 
 # ----------------------------------------------------------------------------- building
 
 
-def make_source(cfg: "Config", manager: Any = None) -> DatasetSource:
-    """Instantiate the configured dataset source from the plugin registry."""
-    from mtlbench.config import validate_params
-    from mtlbench.plugins import get_manager
-
-    manager = manager or get_manager()
-    cls = manager.get("datasets", cfg.data.source).obj
-    params = validate_params(cls.Params, cfg.source_params(), f"data.{cfg.data.source}")
-    return cls(params, cfg)
-
-
 def build_cache(cfg: "Config", manager: Any = None, progress: bool = False, console: Any = None) -> Path:
     """Return the path of a complete slice cache for ``cfg``, building it first if needed.
 
     A valid cache (``complete`` set, same key and format version, every patient
-    present) is reused untouched. Anything else at that path is deleted and
-    rebuilt. A DataError while loading a patient stops the build and leaves no
-    file behind.
+    and target present) is reused untouched. Anything else at that path is
+    deleted and rebuilt. A DataError while loading a patient stops the build
+    and leaves no file behind.
     """
+    from mtlbench.assemble import make_source, make_tasks
+
     source = make_source(cfg, manager)
+    tasks = make_tasks(cfg, manager)
     ids = _checked_ids(source)
-    key = cache_key(cfg, source, ids)
-    path = cache_file(cfg, source, key)
-    if _is_valid(path, key, ids):
+    key = cache_key(cfg, source, tasks, ids)
+    path = cache_file(cfg, key)
+    declared = {label: [t.name for t in task.targets()] for label, task in tasks.items()}
+    if _is_valid(path, key, ids, declared):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(path):
-        if _is_valid(path, key, ids):  # another process built it while we waited
+        if _is_valid(path, key, ids, declared):  # another process built it while we waited
             return path
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         with atomic_path(path, suffix=".h5") as tmp:
-            _write_cache(tmp, cfg, source, ids, key, progress, console)
+            _write_cache(tmp, cfg, source, tasks, ids, key, progress, console)
     return path
 
 
@@ -199,7 +222,7 @@ def _open_read(path: str | Path) -> Any:
     return h5py.File(path, "r", locking=False)
 
 
-def _is_valid(path: Path, key: str, ids: Sequence[str]) -> bool:
+def _is_valid(path: Path, key: str, ids: Sequence[str], declared: Mapping[str, Sequence[str]]) -> bool:
     if not path.is_file():
         return False
     try:
@@ -212,24 +235,34 @@ def _is_valid(path: Path, key: str, ids: Sequence[str]) -> bool:
                 grp = f.get(f"patients/{pid}")
                 if grp is None or any(name not in grp for name in _DATASETS):
                     return False
+                for label, names in declared.items():
+                    if any(f"{TARGETS}/{label}/{n}" not in grp for n in names):
+                        return False
     except Exception:  # unreadable / truncated / not HDF5: rebuild
         return False
     return True
 
 
 def _write_cache(
-    tmp: Path, cfg: "Config", source: DatasetSource, ids: list[str], key: str, progress: bool, console: Any
+    tmp: Path,
+    cfg: "Config",
+    source: DatasetSource,
+    tasks: Mapping[str, Task],
+    ids: list[str],
+    key: str,
+    progress: bool,
+    console: Any,
 ) -> None:
     import h5py
 
-    settings = _settings(cfg)
+    settings = _settings(cfg, tasks)
     with h5py.File(tmp, "w") as f, _progress(progress, console, len(ids)) as (show, done):
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["key"] = key
         f.attrs["organs"] = json.dumps(settings["organs"])
         f.attrs["landmarks"] = json.dumps(settings["landmarks"])
-        f.attrs["heatmap_groups"] = json.dumps(settings["heatmap_groups"])
         f.attrs["settings"] = json.dumps(settings)
+        f.attrs["targets"] = json.dumps({label: v["targets"] for label, v in settings["tasks"].items()})
         f.attrs["patients"] = json.dumps(ids)
         f.attrs["complete"] = False
         root = f.create_group("patients")
@@ -238,18 +271,15 @@ def _write_cache(
             patient = source.load(pid)
             if patient.id != pid:
                 raise DataError(f"dataset source returned patient {patient.id!r} when asked for {pid!r}")
-            _write_patient(root.create_group(pid), preprocess_patient(patient, cfg))
+            _write_patient(root.create_group(pid), preprocess_patient(patient, cfg, tasks), tasks)
             done()
         f.attrs["complete"] = True
 
 
-def _write_patient(grp: Any, p: PreparedPatient) -> None:
+def _write_patient(grp: Any, p: CachedPatient, tasks: Mapping[str, Task]) -> None:
     s, h, w = p.image.shape
     grp.create_dataset("image", data=p.image, chunks=(1, h, w), **_COMPRESSION)
     grp.create_dataset("labels", data=p.labels, chunks=(1, h, w), **_COMPRESSION)
-    hm_chunks = (1, 1, h, w) if p.heatmaps.shape[0] > 0 else None
-    hm_opts = _COMPRESSION if hm_chunks else {}
-    grp.create_dataset("heatmaps", data=p.heatmaps, chunks=hm_chunks, **hm_opts)
     z, y, x = p.orig_labels.shape
     grp.create_dataset("orig_labels", data=p.orig_labels, chunks=(1, y, x), **_COMPRESSION)
     grp.attrs["index_to_physical"] = np.asarray(p.index_to_physical, dtype=np.float64)
@@ -257,6 +287,16 @@ def _write_patient(grp: Any, p: PreparedPatient) -> None:
     grp.attrs["landmark_names"] = json.dumps([lm.name for lm in p.landmarks])
     grp.attrs["landmark_positions"] = np.array([lm.position for lm in p.landmarks], dtype=np.float64).reshape(-1, 3)
     grp.attrs["files"] = json.dumps(p.files)
+    for label, arrays in p.targets.items():
+        tgrp = grp.create_group(f"{TARGETS}/{label}")
+        for t in tasks[label].targets():
+            arr = arrays[t.name]
+            if arr.size == 0:
+                tgrp.create_dataset(t.name, data=arr)
+            elif t.per_slice:
+                tgrp.create_dataset(t.name, data=arr, chunks=(1,) + arr.shape[1:], **_COMPRESSION)
+            else:
+                tgrp.create_dataset(t.name, data=arr, **_COMPRESSION)
 
 
 @contextlib.contextmanager
@@ -290,28 +330,27 @@ class CacheInfo:
     key: str
     organs: tuple[str, ...]
     landmarks: tuple[str, ...]
-    groups: tuple[tuple[str, ...], ...]
     patients: tuple[str, ...]
     slice_size: tuple[int, int]
-    heatmap_channels: int
+    targets: dict[str, tuple[Target, ...]] = field(default_factory=dict, compare=False)
     settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def dataset_info(self) -> DatasetInfo:
-        return DatasetInfo(
-            organs=self.organs,
-            landmarks=self.landmarks,
-            heatmap_channels=self.heatmap_channels,
-            slice_size=self.slice_size,
-        )
+    def slice_targets(self) -> list[tuple[str, Target]]:
+        """(task label, target) of every per-slice target, in config order."""
+        return [(label, t) for label, ts in self.targets.items() for t in ts if t.per_slice]
 
 
 @dataclass
 class SliceData:
-    """Slices of several patients stacked for training (channel axis after N for heatmaps)."""
+    """Slices of several patients stacked for training.
+
+    ``targets`` maps ``"<task label>/<target name>"`` to the per-slice
+    targets stacked the same way (N, ...).
+    """
 
     image: np.ndarray  # (N, H, W) float32
     labels: np.ndarray  # (N, H, W) uint8
-    heatmaps: np.ndarray  # (N, C, H, W) float32
+    targets: dict[str, np.ndarray]
     patient_index: np.ndarray  # (N,) int32 index into ``patients``
     slice_index: np.ndarray  # (N,) int32 slice number within the patient
     patients: list[str]
@@ -343,18 +382,20 @@ def open_cache(path: str | Path) -> CacheInfo:
     with _open_complete(path) as f:
         a = f.attrs
         ids = tuple(json.loads(a["patients"])) if "patients" in a else tuple(f["patients"].keys())
-        groups = tuple(tuple(g) for g in json.loads(a["heatmap_groups"]))
         settings = json.loads(a["settings"])
         size = settings["preprocess"]["slice_size"]
+        targets = {
+            label: tuple(Target(**{**t, "channels": int(t["channels"])}) for t in ts)
+            for label, ts in json.loads(a["targets"]).items()
+        }
         return CacheInfo(
             path=Path(path),
             key=str(a["key"]),
             organs=tuple(json.loads(a["organs"])),
             landmarks=tuple(json.loads(a["landmarks"])),
-            groups=groups,
             patients=ids,
             slice_size=(int(size[0]), int(size[1])),
-            heatmap_channels=len(groups),
+            targets=targets,
             settings=settings,
         )
 
@@ -380,27 +421,32 @@ def selected_slices(labels: np.ndarray, only_with_organs: bool, margin: int) -> 
 
 
 def load_slices(
-    path: str | Path, patient_ids: Sequence[str], only_with_organs: bool = False, margin: int = 0
+    path: str | Path,
+    patient_ids: Sequence[str],
+    only_with_organs: bool = False,
+    margin: int = 0,
+    tasks: Sequence[str] | None = None,
 ) -> SliceData:
     """Stack the slices of ``patient_ids`` (in that order) into training arrays.
 
-    ``only_with_organs`` keeps only slices with any organ label (plus
-    ``margin`` slices either side); the cache itself always holds every slice.
+    ``tasks`` limits the per-slice targets to those task labels (default: all
+    in the cache). ``only_with_organs`` keeps only slices with any organ label
+    (plus ``margin`` slices either side); the cache itself always holds every slice.
     """
     ids = list(patient_ids)
+    info = open_cache(path)
+    wanted = [(label, t) for label, t in info.slice_targets() if tasks is None or label in tasks]
     with _open_complete(path) as f:
         groups = [_patient_group(f, path, pid) for pid in ids]
         keep = [selected_slices(g["labels"][...], only_with_organs, margin) for g in groups]
         total = int(sum(len(k) for k in keep))
-        if groups:
-            _, h, w = groups[0]["image"].shape
-            c = groups[0]["heatmaps"].shape[0]
-        else:
-            h = w = c = 0
+        h, w = info.slice_size
         out = SliceData(
             image=np.empty((total, h, w), dtype=np.float32),
             labels=np.empty((total, h, w), dtype=np.uint8),
-            heatmaps=np.empty((total, c, h, w), dtype=np.float32),
+            targets={
+                f"{label}/{t.name}": np.empty((total,) + t.slice_shape((h, w)), dtype=t.dtype) for label, t in wanted
+            },
             patient_index=np.empty(total, dtype=np.int32),
             slice_index=np.empty(total, dtype=np.int32),
             patients=ids,
@@ -409,30 +455,42 @@ def load_slices(
         for n, (grp, sel) in enumerate(zip(groups, keep)):
             stop = start + len(sel)
             full = len(sel) == grp["image"].shape[0]
-            pick = (lambda a: a) if full else (lambda a: a[..., sel, :, :])
+            pick = (lambda a: a) if full else (lambda a: a[sel])
             out.image[start:stop] = pick(grp["image"][...])
             out.labels[start:stop] = pick(grp["labels"][...])
-            out.heatmaps[start:stop] = np.moveaxis(pick(grp["heatmaps"][...]), 0, 1)
+            for label, t in wanted:
+                out.targets[f"{label}/{t.name}"][start:stop] = pick(_dataset(grp, path, label, t.name)[...])
             out.patient_index[start:stop] = n
             out.slice_index[start:stop] = sel
             start = stop
     return out
 
 
-def load_patient(path: str | Path, pid: str) -> PreparedPatient:
+def _dataset(grp: Any, path: str | Path, label: str, name: str) -> Any:
+    node = grp.get(f"{TARGETS}/{label}/{name}")
+    if node is None:
+        raise DataError(f"{path}: patient {grp.name.rsplit('/', 1)[-1]!r} has no target {label}/{name}; prepare the cache again")
+    return node
+
+
+def load_patient(path: str | Path, pid: str) -> CachedPatient:
     """Everything the cache holds about patient ``pid`` (DataError if unknown)."""
     with _open_complete(path) as f:
         grp = _patient_group(f, path, pid)
         names = json.loads(grp.attrs["landmark_names"])
         positions = np.asarray(grp.attrs["landmark_positions"], dtype=np.float64).reshape(-1, 3)
-        return PreparedPatient(
+        targets: dict[str, dict[str, np.ndarray]] = {}
+        if TARGETS in grp:
+            for label, tgrp in grp[TARGETS].items():
+                targets[label] = {name: ds[...] for name, ds in tgrp.items()}
+        return CachedPatient(
             id=pid,
             image=grp["image"][...],
             labels=grp["labels"][...],
-            heatmaps=grp["heatmaps"][...],
             orig_labels=grp["orig_labels"][...],
             index_to_physical=np.asarray(grp.attrs["index_to_physical"], dtype=np.float64),
             geometry=Geometry.from_dict(json.loads(grp.attrs["geometry"])),
             landmarks=[Landmark(n, tuple(float(v) for v in pos)) for n, pos in zip(names, positions)],
             files=json.loads(grp.attrs["files"]),
+            targets=targets,
         )

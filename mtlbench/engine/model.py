@@ -1,6 +1,6 @@
 """The network: the shared U-Net trunk, the multi-task model (trunk + one tail per task) and ``build_model``.
 
-The trunk follows the study's U-Net (PROTOCOL.md, section 2.4): ``len(widths)``
+The trunk follows the study's U-Net (docs/reproducing.md): ``len(widths)``
 scale levels, blocks of 2 x (3x3 conv + batch norm + ReLU), 2x2 max pooling
 down, 2x2 transposed convolutions up and skip concatenation. The decoder goes
 back up to ``widths[1]``; a last transposed convolution to ``widths[0]``

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mtlbench.config import validate_config
-from mtlbench.data.cache import build_cache, load_patient, open_cache
+from mtlbench.data.cache import build_cache, load_patient
 from mtlbench.engine.train import CHECKPOINT, RESULT, build_components, eval_volume, make_model, predict_volume
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.devices import memory_format
@@ -43,8 +43,7 @@ def predict_trial(trial_dir: str | Path, out_dir: str | Path, device: str = "cpu
     cache = Path(rec["cache"])
     if not cache.is_file():
         cache = build_cache(cfg)  # same data + settings give the same key; a change is caught below
-    info = open_cache(cache)
-    comp = build_components(cfg, spec, info)
+    comp = build_components(cfg, spec)
     model = make_model(cfg, comp)
     state = torch.load(trial_dir / CHECKPOINT, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
@@ -55,6 +54,6 @@ def predict_trial(trial_dir: str | Path, out_dir: str | Path, device: str = "cpu
         p = load_patient(cache, pid)
         outputs = predict_volume(model, p.image, device)
         for task in comp.model_tasks:
-            vol = eval_volume(p, outputs[task], tuple(info.organs), final=True)
+            vol = eval_volume(p, task, outputs[task], final=True)
             written.extend(comp.tasks[task].export(vol, out_dir))
     return written

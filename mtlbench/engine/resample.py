@@ -1,6 +1,6 @@
 """Resampling network outputs from the cache grid back to a patient's original grid (and slice resizing).
 
-Both functions follow the contract's pixel-centre convention
+Both functions follow the cache grid's pixel-centre convention (``mtlbench.data.grid``)
 (``F.interpolate(..., align_corners=False)``): cache pixel (r, c) has its
 centre at original continuous index j = (r + 0.5) * Y / H - 0.5,
 i = (c + 0.5) * X / W - 0.5. Segmentation evaluation and ``mtlbench

@@ -7,6 +7,7 @@ targets, losses and metrics; the strategy turns losses into gradients.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -18,13 +19,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mtlbench.api import EvalVolume, StepContext
-from mtlbench.config import Config, TrainConfig, deep_merge
-from mtlbench.data.cache import SliceData, load_patient, load_slices, open_cache
+from mtlbench.api import CachedPatient, EvalVolume, StepContext, Target
+from mtlbench.assemble import make_heads, make_strategy, make_tasks, train_config
+from mtlbench.config import Config, TrainConfig
+from mtlbench.data.cache import SliceData, load_patient, load_slices
 from mtlbench.devices import choose_device, memory_format, set_threads
-from mtlbench.engine.trialspec import TrialSpec
-from mtlbench.engine.augment import random_affine
+from mtlbench.engine.augment import LABELS_RULE, random_affine
 from mtlbench.engine.model import MultiTaskModel, build_model
+from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.errors import ConfigError, TrialError
 from mtlbench.fsutil import atomic_path, write_json
 
@@ -46,41 +48,28 @@ class Components:
     strategy: Any
     model_tasks: list[str]
     train: TrainConfig
-    groups: list[list[str]]
 
 
-def trial_train_config(cfg: Config, label: str) -> TrainConfig:
-    entry = cfg.strategies[label]
-    return TrainConfig.model_validate(deep_merge(cfg.train.model_dump(), entry.train))
-
-
-def build_components(cfg: Config, spec: TrialSpec, cache_info: Any, manager: Any = None) -> Components:
-    from mtlbench.plugins import get_manager
-
-    manager = manager or get_manager()
-    if spec.strategy not in cfg.strategies:
-        raise ConfigError(f"unknown strategy {spec.strategy!r}; configured: {', '.join(cfg.strategies)}")
-    info = cache_info.dataset_info()
-    groups = [list(g) for g in cache_info.groups]
-    tasks, heads = {}, {}
-    for label, entry in cfg.tasks.items():
-        tcls = manager.get("tasks", cfg.task_use(label)).obj
-        task = tcls(tcls.Params(**entry.params), info)
-        task.groups = groups
-        tasks[label] = task
-        hcls = manager.get("heads", entry.head or tcls.head).obj
-        heads[label] = hcls(hcls.Params(**entry.head_params))
-    scls = manager.get("strategies", cfg.strategy_use(spec.strategy)).obj
-    strategy = scls(scls.Params(**spec.params), list(cfg.tasks), cfg.experiment.main_task)
-    model_tasks = strategy.model_tasks()
-    unknown = [t for t in model_tasks if t not in tasks]
-    if unknown:
-        raise ConfigError(f"strategy {spec.strategy!r} asks for unknown tasks: {', '.join(unknown)}")
-    return Components(tasks, heads, strategy, model_tasks, trial_train_config(cfg, spec.strategy), groups)
+def build_components(cfg: Config, spec: TrialSpec, manager: Any = None) -> Components:
+    """The trial's tasks, heads and strategy, built by ``mtlbench.assemble`` (validated, one-line errors)."""
+    tasks = make_tasks(cfg, manager)
+    heads = make_heads(cfg, tasks, manager)
+    strategy = make_strategy(cfg, spec.strategy, spec.params, manager)
+    return Components(tasks, heads, strategy, strategy.model_tasks(), train_config(cfg, spec.strategy))
 
 
 def make_model(cfg: Config, comp: Components) -> MultiTaskModel:
     return build_model(cfg, {t: comp.tasks[t] for t in comp.model_tasks}, {t: comp.heads[t] for t in comp.model_tasks})
+
+
+def target_rules(comp: Components) -> dict[str, Target]:
+    """How each batch key is augmented: the core's labels and every model task's per-slice targets."""
+    rules = {"labels": LABELS_RULE}
+    for label in comp.model_tasks:
+        for t in comp.tasks[label].targets():
+            if t.per_slice:
+                rules[f"{label}/{t.name}"] = t
+    return rules
 
 
 def seed_everything(seed: int) -> None:
@@ -88,14 +77,23 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def _batch(data: SliceData, idx: np.ndarray, device: str) -> dict[str, torch.Tensor]:
-    idx = np.sort(idx)  # h5/numpy gathers are faster sorted; order inside a batch is irrelevant
+def _batch(data: SliceData, idx: np.ndarray, keys: list[str], device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The image (B, 1, H, W) and the targets named by ``keys`` ("labels" and "<task>/<target>") of slices ``idx``."""
+    idx = np.sort(idx)  # numpy gathers are faster sorted; order inside a batch is irrelevant
     image = torch.from_numpy(np.ascontiguousarray(data.image[idx])).unsqueeze(1)
-    return {
-        "image": image.to(device=device, memory_format=memory_format(device)),
-        "labels": torch.from_numpy(data.labels[idx].astype(np.int64)).to(device),
-        "heatmaps": torch.from_numpy(np.ascontiguousarray(data.heatmaps[idx])).to(device),
-    }
+    targets = {"labels": torch.from_numpy(data.labels[idx].astype(np.int64)).to(device)}
+    for key in keys:
+        if key != "labels":
+            targets[key] = torch.from_numpy(np.ascontiguousarray(data.targets[key][idx])).to(device)
+    return image.to(device=device, memory_format=memory_format(device)), targets
+
+
+def task_batch(label: str, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``Task.loss`` of ``label`` receives: the labels and its own targets by name."""
+    prefix = f"{label}/"
+    out = {"labels": targets["labels"]}
+    out.update({k[len(prefix):]: v for k, v in targets.items() if k.startswith(prefix)})
+    return out
 
 
 @torch.no_grad()
@@ -111,27 +109,15 @@ def predict_volume(model: MultiTaskModel, image: np.ndarray, device: str, batch_
     return {t: np.concatenate(v, axis=0) for t, v in outs.items()}
 
 
-def eval_volume(rec: Any, output: np.ndarray, organs: tuple[str, ...], final: bool) -> EvalVolume:
-    """A cached patient record and one task's output over its slices, as tasks receive them."""
-    return EvalVolume(
-        patient=rec.id,
-        output=output,
-        labels=rec.labels,
-        heatmaps=rec.heatmaps,
-        index_to_physical=rec.index_to_physical,
-        geometry=rec.geometry,
-        orig_labels=rec.orig_labels,
-        landmarks=rec.landmarks,
-        organs=organs,
-        final=final,
-    )
+def eval_volume(rec: CachedPatient, label: str, output: np.ndarray, final: bool) -> EvalVolume:
+    """A cached patient and task ``label``'s output over its slices, as tasks receive them."""
+    return EvalVolume(record=rec, output=output, targets=rec.targets.get(label, {}), final=final)
 
 
 def evaluate(
     model: MultiTaskModel,
     comp: Components,
-    records: list[Any],
-    organs: tuple[str, ...],
+    records: list[CachedPatient],
     device: str,
     final: bool,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
@@ -143,7 +129,7 @@ def evaluate(
         outputs[rec.id] = out
         row: dict[str, Any] = {"patient": rec.id}
         for task in comp.model_tasks:
-            vol = eval_volume(rec, out[task], organs, final)
+            vol = eval_volume(rec, task, out[task], final)
             for key, value in comp.tasks[task].evaluate(vol).items():
                 row[f"{task}/{key}"] = float(value)
         per_patient.append(row)
@@ -155,24 +141,33 @@ def evaluate(
     return means, per_patient, outputs
 
 
-def _example(rec: Any, outputs: dict[str, np.ndarray], comp: Components) -> dict[str, Any]:
-    """The slice with the most organ voxels, for overlay plots."""
+def example_arrays(rec: CachedPatient, outputs: dict[str, np.ndarray], comp: Components) -> dict[str, Any]:
+    """The arrays of ``example.npz``: the slice with the most organ voxels and every model task's pictures.
+
+    Keys: ``image``, ``patient``, ``slice``, ``pictures`` (json list of
+    {task, title, style, unit, truth, pred} with the array keys of truth and
+    pred, or null) and ``p<i>_truth`` / ``p<i>_pred`` arrays.
+    """
     counts = (rec.labels > 0).reshape(rec.labels.shape[0], -1).sum(axis=1)
     s = int(np.argmax(counts))
     ex: dict[str, Any] = {
         "image": rec.image[s].astype(np.float32),
-        "labels": rec.labels[s].astype(np.uint8),
-        "heatmap": rec.heatmaps[:, s].max(axis=0).astype(np.float32) if rec.heatmaps.shape[0] else np.zeros_like(rec.image[s]),
         "patient": np.array(rec.id),
         "slice": np.array(s),
     }
+    meta = []
     for task in comp.model_tasks:
-        t = comp.tasks[task]
-        out = outputs[task][s]
-        if t.target == "labels" and out.shape[0] > 1:
-            ex["pred"] = out.argmax(axis=0).astype(np.uint8)
-        elif t.target == "heatmaps":
-            ex["pred_heatmap"] = out.max(axis=0).astype(np.float32)
+        vol = eval_volume(rec, task, outputs[task], final=False)
+        for pic in comp.tasks[task].pictures(vol, s) or []:
+            i = len(meta)
+            item = {"task": task, "title": pic.title, "style": pic.style, "unit": pic.unit, "truth": None, "pred": None}
+            for part in ("truth", "pred"):
+                arr = getattr(pic, part)
+                if arr is not None:
+                    item[part] = f"p{i}_{part}"
+                    ex[item[part]] = np.asarray(arr)
+            meta.append(item)
+    ex["pictures"] = np.array(json.dumps(meta))
     return ex
 
 
@@ -208,8 +203,7 @@ def run_trial(
     fold = next((f for f in folds if f["fold"] == spec.fold), None)
     if fold is None:
         raise ConfigError(f"fold {spec.fold} does not exist (folds: 0..{len(folds) - 1})")
-    cache_info = open_cache(cache_path)
-    comp = build_components(cfg, spec, cache_info, manager)
+    comp = build_components(cfg, spec, manager)
     tc = comp.train
     device = choose_device(tc.device)
     if device.startswith("cuda"):
@@ -220,7 +214,7 @@ def run_trial(
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     if data is None:
-        data = load_slices(cache_path, list(fold["train"]))
+        data = load_slices(cache_path, list(fold["train"]), tasks=comp.model_tasks)
     pos = {p: i for i, p in enumerate(data.patients)}
     missing = [p for p in fold["train"] if p not in pos]
     if missing:
@@ -228,7 +222,11 @@ def run_trial(
     train_idx = np.flatnonzero(np.isin(data.patient_index, [pos[p] for p in fold["train"]]))
     fg_idx = train_idx[data.labels[train_idx].reshape(len(train_idx), -1).any(axis=1)]
     records = [load_patient(cache_path, p) for p in fold["test"]]
-    organs = tuple(cache_info.organs)
+    rules = target_rules(comp)
+    keys = list(rules)
+    missing_targets = [k for k in keys if k != "labels" and k not in data.targets]
+    if missing_targets:
+        raise ConfigError(f"the slice data lacks the targets {', '.join(missing_targets)}; prepare the cache again")
 
     fmt = memory_format(device)
     model = make_model(cfg, comp).to(device=device, memory_format=fmt)
@@ -274,13 +272,11 @@ def run_trial(
                 idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
                 if len(idx) == 0:
                     continue
-                batch = _batch(data, idx, device)
-                image, targets = random_affine(
-                    batch["image"], {"labels": batch["labels"], "heatmaps": batch["heatmaps"]}, cfg.augment, gen
-                )
+                image, targets = _batch(data, idx, keys, device)
+                image, targets = random_affine(image, targets, rules, cfg.augment, gen)
                 names = strategy.tasks_for_step(step)
                 outputs = model(image, names)  # only the tails whose losses this step computes
-                losses = {t: comp.tasks[t].loss(outputs[t], targets[comp.tasks[t].target]) for t in names}
+                losses = {t: comp.tasks[t].loss(outputs[t], task_batch(t, targets)) for t in names}
                 for t, l in losses.items():
                     if not torch.isfinite(l):
                         raise Diverged(f"loss of task {t!r} became {float(l)} at epoch {epoch + 1}, step {step}")
@@ -303,17 +299,17 @@ def run_trial(
             train_log = {k: (sums[k] / counts[k] if k in counts else sums[k]) for k in sorted(sums)}
             entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train": train_log}
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-                metrics, _, _ = evaluate(model, comp, records, organs, device, final=False)
+                metrics, _, _ = evaluate(model, comp, records, device, final=False)
                 entry["metrics"] = metrics
             entry["time_s"] = time.time() - te
             history.append(entry)
             if on_epoch is not None:
                 on_epoch(entry)
-        metrics, per_patient, outputs = evaluate(model, comp, records, organs, device, final=True)
+        metrics, per_patient, outputs = evaluate(model, comp, records, device, final=True)
         if records:
             with atomic_path(out_dir / EXAMPLE, suffix=".npz") as tmp:
                 with open(tmp, "wb") as f:
-                    np.savez_compressed(f, **_example(records[0], outputs[records[0].id], comp))
+                    np.savez_compressed(f, **example_arrays(records[0], outputs[records[0].id], comp))
         with atomic_path(out_dir / CHECKPOINT, suffix=".pt") as tmp:
             torch.save({"model": model.state_dict(), "strategy": strategy.state_dict()}, tmp)
     except Diverged as exc:
@@ -356,7 +352,11 @@ def _acc(sums: dict[str, float], counts: dict[str, int], key: str, value: float,
 
 
 def base_record(spec: TrialSpec, cfg: Config, out_dir: str | Path) -> dict[str, Any]:
-    """The fields that identify a trial in results.json, whatever its outcome."""
+    """The fields that identify a trial in results.json, whatever its outcome (with its effective ``[train]``)."""
+    try:
+        train = train_config(cfg, spec.strategy).model_dump(mode="json")
+    except (ConfigError, KeyError):
+        train = None
     return {
         "id": spec.id,
         "dir": str(out_dir),
@@ -366,6 +366,7 @@ def base_record(spec: TrialSpec, cfg: Config, out_dir: str | Path) -> dict[str, 
         "params": spec.params,
         "seed": spec.seed,
         "compare_to": cfg.strategies[spec.strategy].compare_to if spec.strategy in cfg.strategies else None,
+        "train": train,
     }
 
 

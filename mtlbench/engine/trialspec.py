@@ -21,7 +21,7 @@ class TrialSpec:
     @property
     def id(self) -> str:
         """Stable, filesystem-safe: label, swept values, a hash of all params, fold, seed."""
-        flat = flatten(self.params)
+        flat = flatten_params(self.params)
         tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(flat.items()))
         tag = re.sub(r"[^A-Za-z0-9_.-]+", "", tag)[:40]
         digest = hashlib.sha1(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:6]
@@ -29,13 +29,16 @@ class TrialSpec:
         return f"{self.strategy}-{middle}-f{self.fold}-s{self.seed}"
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as dotted keys: {"weights": {"landmarks": 3}} -> {"weights.landmarks": 3}.
+
+    An empty table stays a value ({"a": {}} -> {"a": {}}), so it differs from a missing key.
+    """
     out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
+    for key, value in (params or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, name + "."))
         else:
-            out[key] = v
+            out[name] = value
     return out

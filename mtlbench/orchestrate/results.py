@@ -37,18 +37,17 @@ def finished_record(run_dir: Path, spec: TrialSpec) -> dict[str, Any] | None:
 
 
 def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
-    """Metric directions, the main metric and the auxiliary metrics, from the configured tasks."""
-    from mtlbench.plugins import get_manager
+    """Metric directions and units, the main and auxiliary metrics, and the resolved config, from the configured tasks."""
+    from mtlbench.assemble import make_tasks
 
-    manager = get_manager()
-    info = cache_info.dataset_info()
     directions: dict[str, bool] = {}
+    units: dict[str, str] = {}
     aux: list[str] = []
-    for label, entry in cfg.tasks.items():
-        cls = manager.get("tasks", cfg.task_use(label)).obj
-        task = cls(cls.Params(**entry.params), info)
+    for label, task in make_tasks(cfg).items():
         for key, m in task.metrics().items():
             directions[f"{label}/{key}"] = m.higher_is_better
+            if m.unit:
+                units[f"{label}/{key}"] = m.unit
         if label != cfg.experiment.main_task:
             aux.append(f"{label}/{task.main_metric()}")
     return {
@@ -56,6 +55,7 @@ def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
         "main_metric": f"{cfg.experiment.main_task}/{cfg.experiment.main_metric}",
         "baseline": cfg.experiment.baseline,
         "directions": directions,
+        "units": units,
         "organs": list(cache_info.organs),
         "landmarks": list(cache_info.landmarks),
         "aux_metrics": aux,
@@ -63,11 +63,12 @@ def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
         "seeds": list(cfg.experiment.seeds),
         "profile": cfg.profile,
         "preprocess": {"clamp": list(cfg.preprocess.clamp), "scale": cfg.preprocess.scale},
+        "config": cfg.to_toml_dict(),
     }
 
 
 def write_results(run_dir: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> Path:
-    """Write results.json atomically; records are stored without their bulky config copy."""
+    """Write results.json atomically; trial records are stored without their config copy (``meta.config`` has it once)."""
     trials = []
     for rec in records:
         rec = {k: v for k, v in rec.items() if k not in ("config", "folds")}

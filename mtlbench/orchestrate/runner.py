@@ -45,7 +45,7 @@ def _trainable(config: dict[str, Any], data: Any = None, setup: dict[str, Any] |
     """Ray Tune's function trainable: one trial, reporting after every epoch."""
     from ray import tune
 
-    from mtlbench.config import validate_config
+    from mtlbench.config import load_config
     from mtlbench.engine.train import run_trial
 
     assert setup is not None
@@ -54,7 +54,7 @@ def _trainable(config: dict[str, Any], data: Any = None, setup: dict[str, Any] |
             f"run folder {setup['run_dir']} is not visible on this node: on a multi-node cluster put --out "
             "on shared storage mounted at the same path everywhere"
         )
-    cfg = validate_config(setup["config"])
+    cfg = load_config(Path(setup["run_dir"]) / RESOLVED)  # the run's recorded config, as resume reads it
     spec = TrialSpec(**config["trial"])
     main = setup["main_metric"]
     out = Path(setup["run_dir"]) / "trials" / spec.id
@@ -204,7 +204,6 @@ def _tune(
             if gpus > 0:
                 concurrency = min(concurrency, max(1, int(n_gpu // gpus)))
             setup = {
-                "config": cfg.model_dump(mode="json"),
                 "cache": str(cache),
                 "folds": folds,
                 "run_dir": str(run_dir),

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mtlbench.engine.trialspec import flatten_params
 from mtlbench.errors import ConfigError, DataError
 from mtlbench.report.stats import describe, holm, paired_test
 
@@ -79,18 +80,6 @@ class RowGroup:
 def canonical(params: Any) -> str:
     """Parameters as canonical JSON (sorted keys, no spaces): the identity of a parameter point."""
     return json.dumps(params or {}, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameters as dotted keys: {"weights": {"landmarks": 3}} -> {"weights.landmarks": 3}."""
-    out: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten_params(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def format_value(value: Any) -> str:

@@ -91,8 +91,10 @@ def folds_markdown(board: dict[str, Any]) -> str:
     return _table(header, rows, [":--", *["--:"] * len(folds)]) + "\n"
 
 
-def _first_config(results: dict[str, Any]) -> dict[str, Any]:
-    return next((t["config"] for t in results.get("trials", []) if isinstance(t.get("config"), dict)), {})
+def _run_config(results: dict[str, Any]) -> dict[str, Any]:
+    """The run's resolved config, as results.json records it once in ``meta.config``."""
+    cfg = (results.get("meta") or {}).get("config")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -113,11 +115,11 @@ def _lr_text(cfg: dict[str, Any]) -> str | None:
 
 
 def _train_differences(results: dict[str, Any], cfg: dict[str, Any]) -> str | None:
-    """Per strategy label, the train settings that differ from the first trial's (e.g. a later lr decay)."""
+    """Per strategy label, the train settings that differ from the run's ``[train]`` (e.g. a later lr decay)."""
     ref = _get(cfg, "train") or {}
     seen: dict[str, list[str]] = {}
     for trial in results.get("trials") or []:
-        train = _get(trial.get("config") or {}, "train") or {}
+        train = trial.get("train") if isinstance(trial.get("train"), dict) else {}
         diffs = [f"{k}={train[k]}" for k in sorted(train) if train[k] != ref.get(k)]
         label = str(trial.get("strategy"))
         for d in diffs:
@@ -130,7 +132,7 @@ def _train_differences(results: dict[str, Any], cfg: dict[str, Any]) -> str | No
 def summary_markdown(results: dict[str, Any], board: dict[str, Any]) -> str:
     meta = results.get("meta") or {}
     trials = results.get("trials") or []
-    cfg = _first_config(results)
+    cfg = _run_config(results)
     counts = {s: sum(1 for t in trials if t.get("status") == s) for s in ("completed", "failed", "diverged")}
     folds = sorted({t.get("fold") for t in trials}, key=str)
     seeds = sorted({t.get("seed") for t in trials}, key=str)
@@ -185,7 +187,8 @@ def figures_markdown(paths: list[Path], run_dir: Path) -> str:
         "Parameter sweep": "Main and auxiliary metric against the swept parameter (mean ± std over folds); "
         "the grey band is the baseline's mean ± std.",
         "Example slices": "The test slice with the most organ voxels from each row's first completed trial: "
-        "ground truth green, prediction red, overlap yellow; ground-truth and predicted landmark maps.",
+        "what each task draws of it (label maps: ground truth green, prediction red, overlap yellow; "
+        "float maps: ground truth next to prediction; points: ground truth o, prediction x).",
     }
     rels = sorted({p.resolve().relative_to(run_dir.resolve()).as_posix() for p in paths})
     out = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import zipfile
@@ -20,8 +21,8 @@ from mtlbench.report.leaderboard import (
     load_results,
     resolve_metric,
     varying_params,
-    flatten_params,
 )
+from mtlbench.engine.trialspec import flatten_params
 from mtlbench.report.stats import describe
 
 PLOTS_DIR = "plots"
@@ -226,11 +227,12 @@ def plot_lambda_sweep(results: dict[str, Any], out_dir: str | Path) -> Path | No
 # ----------------------------------------------------------------------------- overlays
 
 
-REQUIRED_ARRAYS = ("image", "labels", "pred")
+REQUIRED_ARRAYS = ("image", "pictures")
+STYLES = ("labels", "map", "signed", "points")
 
 
 def load_example(path: Path) -> dict[str, Any]:
-    """The arrays of one example.npz; a missing array or a bad file raises DataError naming it."""
+    """One example.npz: its arrays and ``pictures`` (the decoded list); a bad file raises DataError naming it."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
@@ -242,9 +244,27 @@ def load_example(path: Path) -> dict[str, Any]:
     shape = data["image"].shape
     if len(shape) != 2:
         raise DataError(f"{path}: 'image' must be 2-D (H, W), got shape {shape}")
-    for key in ("labels", "pred", "heatmap", "pred_heatmap"):
-        if key in data and data[key].shape != shape:
-            raise DataError(f"{path}: {key!r} has shape {data[key].shape}, 'image' has {shape}")
+    try:
+        pictures = json.loads(str(data["pictures"]))
+        assert isinstance(pictures, list)
+    except (json.JSONDecodeError, AssertionError):
+        raise DataError(f"{path}: 'pictures' is not a JSON list") from None
+    for i, pic in enumerate(pictures):
+        if not isinstance(pic, dict) or pic.get("style") not in STYLES:
+            raise DataError(f"{path}: pictures[{i}] has no style of {', '.join(STYLES)}")
+        for part in ("truth", "pred"):
+            key = pic.get(part)
+            if key is None:
+                continue
+            if key not in data:
+                raise DataError(f"{path}: pictures[{i}].{part} names the missing array {key!r}")
+            arr = data[key]
+            if pic["style"] == "points":
+                if arr.ndim != 2 or arr.shape[1] != 2:
+                    raise DataError(f"{path}: {key!r} must be (K, 2) points, got shape {arr.shape}")
+            elif arr.shape != shape:
+                raise DataError(f"{path}: {key!r} has shape {arr.shape}, 'image' has {shape}")
+    data["pictures"] = pictures
     return data
 
 
@@ -258,14 +278,12 @@ def overlay_rgba(labels: np.ndarray, pred: np.ndarray, alpha: float = OVERLAY_AL
     return rgba
 
 
-def _scale(trial: dict[str, Any], meta: dict[str, Any] | None = None) -> float:
-    """The intensity scale the trial's slices were divided by (trial config, else run meta)."""
-    for source in (trial.get("config", {}), meta or {}):
-        try:
-            return float(source["preprocess"]["scale"])
-        except (KeyError, TypeError, ValueError):
-            continue
-    return DEFAULT_SCALE
+def _scale(meta: dict[str, Any] | None) -> float:
+    """The intensity scale the run's slices were divided by (``meta.preprocess.scale``)."""
+    try:
+        return float((meta or {})["preprocess"]["scale"])
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_SCALE
 
 
 def _example_path(run_dir: Path, trial: dict[str, Any]) -> Path | None:
@@ -275,48 +293,99 @@ def _example_path(run_dir: Path, trial: dict[str, Any]) -> Path | None:
     return path if path.is_file() else None
 
 
-def plot_overlays(results: dict[str, Any], run_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """One PNG per row (``overlay_NN_<label>.png``) from its first completed trial with an example.npz:
-    the CT slice (soft-tissue window) with ground truth green, prediction red, overlap yellow, next to the
-    ground-truth and predicted landmark maps."""
+def _panels(pictures: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """One panel per labels/points picture, two (truth, prediction) per map picture."""
+    out = []
+    for pic in pictures:
+        if pic["style"] in ("labels", "points"):
+            out.append((pic, "both"))
+        else:
+            out += [(pic, part) for part in ("truth", "pred") if pic.get(part) is not None]
+    return out
+
+
+def _ct(ax: Any, image: np.ndarray, lo: float, hi: float) -> None:
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+
+
+def _draw_panel(fig: Any, ax: Any, ex: dict[str, Any], pic: dict[str, Any], part: str, lo: float, hi: float) -> None:
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    truth = ex.get(pic["truth"]) if pic.get("truth") else None
+    pred = ex.get(pic["pred"]) if pic.get("pred") else None
+    name = f"{pic.get('task', '?')}: {pic.get('title', '')}"
+    if pic["style"] == "labels":
+        _ct(ax, ex["image"], lo, hi)
+        empty = np.zeros(ex["image"].shape, dtype=np.uint8)
+        ax.imshow(overlay_rgba(empty if truth is None else truth, empty if pred is None else pred), interpolation="nearest")
+        ax.legend(
+            handles=[Patch(color=GT_COLOUR, label="ground truth"), Patch(color=PRED_COLOUR, label="prediction"),
+                     Patch(color=BOTH_COLOUR, label="both")],
+            loc="lower right", fontsize=7, framealpha=0.7,
+        )
+        ax.set_title(name, fontsize=9)
+    elif pic["style"] == "points":
+        _ct(ax, ex["image"], lo, hi)
+        for arr, colour, marker, label in ((truth, GT_COLOUR, "o", "ground truth"), (pred, PRED_COLOUR, "x", "prediction")):
+            if arr is not None:
+                ok = np.all(np.isfinite(arr), axis=1)
+                ax.scatter(arr[ok, 1], arr[ok, 0], s=40, c=[colour], marker=marker, linewidths=1.5)
+        ax.legend(
+            handles=[Line2D([], [], color=GT_COLOUR, marker="o", ls="", label="ground truth"),
+                     Line2D([], [], color=PRED_COLOUR, marker="x", ls="", label="prediction")],
+            loc="lower right", fontsize=7, framealpha=0.7,
+        )
+        ax.set_xlim(-0.5, ex["image"].shape[1] - 0.5)
+        ax.set_ylim(ex["image"].shape[0] - 0.5, -0.5)
+        ax.set_title(name, fontsize=9)
+    else:
+        both = [a for a in (truth, pred) if a is not None]
+        finite = [float(np.nanmax(np.abs(a))) for a in both if np.isfinite(a).any()]
+        top = max(finite + [1e-6])
+        arr = truth if part == "truth" else pred
+        if pic["style"] == "signed":
+            im = ax.imshow(arr, cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest")
+        else:
+            im = ax.imshow(arr, cmap="magma", vmin=0.0, vmax=top, interpolation="nearest")
+        bar = fig.colorbar(im, ax=ax, shrink=0.8)
+        if pic.get("unit"):
+            bar.set_label(pic["unit"])
+        ax.set_title(f"{name} ({'ground truth' if part == 'truth' else 'prediction'})", fontsize=9)
+
+
+def plot_overlays(results: dict[str, Any], run_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """One PNG per row (``overlay_NN_<label>.png``) from its first completed trial with an example.npz:
+    the test slice with every picture the row's tasks drew (``Task.pictures``): label maps over the CT,
+    points over the CT, float maps as ground truth next to prediction."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     paths = []
+    scale = _scale(results.get("meta"))
+    lo = (WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2) / scale
+    hi = (WINDOW_LEVEL_HU + WINDOW_WIDTH_HU / 2) / scale
     for i, group in enumerate(group_rows(results), start=1):
         found = next(((t, p) for t in group.completed if (p := _example_path(run_dir, t)) is not None), None)
         if found is None:
             continue
         trial, path = found
         ex = load_example(path)
-        scale = _scale(trial, results.get("meta"))
-        fig, axes = _figure(3, width=4.2, height=4.4)
-        lo = (WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2) / scale
-        hi = (WINDOW_LEVEL_HU + WINDOW_WIDTH_HU / 2) / scale
-        axes[0].imshow(ex["image"], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-        axes[0].imshow(overlay_rgba(ex["labels"], ex["pred"]), interpolation="nearest")
-        axes[0].legend(
-            handles=[Patch(color=GT_COLOUR, label="ground truth"), Patch(color=PRED_COLOUR, label="prediction"), Patch(color=BOTH_COLOUR, label="both")],
-            loc="lower right", fontsize=7, framealpha=0.7,
-        )
-        axes[0].set_title(f"CT W{WINDOW_WIDTH_HU:.0f}/L{WINDOW_LEVEL_HU:.0f} HU + organs", fontsize=9)
-        maps = [("heatmap", "ground-truth landmark map"), ("pred_heatmap", "predicted landmark map")]
-        present = [ex[k] for k, _ in maps if k in ex]
-        vmax = max([float(np.nanmax(m)) for m in present] + [1e-6])
-        for ax, (key, title) in zip(axes[1:], maps):
-            if key in ex:
-                im = ax.imshow(ex[key], cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
-                fig.colorbar(im, ax=ax, shrink=0.8)
-                ax.set_title(title, fontsize=9)
-            else:
-                ax.text(0.5, 0.5, "no landmark output\nfor this strategy", ha="center", va="center", transform=ax.transAxes)
-                ax.set_title(title, fontsize=9)
+        panels = _panels(ex["pictures"])
+        fig, axes = _figure(max(1, len(panels)), width=4.2, height=4.4)
+        if not panels:
+            _ct(axes[0], ex["image"], lo, hi)
+            axes[0].set_title(f"CT W{WINDOW_WIDTH_HU:.0f}/L{WINDOW_LEVEL_HU:.0f} HU (no task drew a picture)", fontsize=9)
+        for ax, (pic, part) in zip(axes, panels):
+            _draw_panel(fig, ax, ex, pic, part, lo, hi)
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
         patient = str(ex["patient"]) if "patient" in ex else "?"
         where = f"slice {int(ex['slice'])}" if "slice" in ex else "slice ?"
-        fig.suptitle(f"{group.label} — patient {patient}, {where} (fold {trial.get('fold')}, seed {trial.get('seed')})", fontsize=10)
+        fig.suptitle(
+            f"{group.label} — patient {patient}, {where} (fold {trial.get('fold')}, seed {trial.get('seed')}); "
+            f"CT W{WINDOW_WIDTH_HU:.0f}/L{WINDOW_LEVEL_HU:.0f} HU",
+            fontsize=10,
+        )
         paths.append(_save(fig, out_dir / f"overlay_{i:02d}_{slug(group.label)}.png"))
     return paths
 

@@ -1,0 +1,151 @@
+"""The built-in ``segmentation`` task: organ label maps learned with cross entropy (+ soft Dice), scored by IoU, Dice and HD95."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import Field
+
+from mtlbench import hookimpl
+from mtlbench.api import DatasetInfo, EvalVolume, MetricInfo, Params, Picture, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the finite values; NaN (without a warning) when there are none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+class SegmentationParams(Params):
+    dice_weight: float = Field(0.0, ge=0, description="weight of the soft Dice loss added to cross entropy")
+    hd95: bool = Field(True, description="compute HD95 (mm) in the final evaluation")
+
+
+class Segmentation(Task):
+    """Organ segmentation: per-pixel classes 0 (background) and 1..n (``data.organs``).
+
+    It learns the core's ``labels`` (every run has them), so it declares no
+    target of its own. Loss: pixel-wise cross entropy (the study's), plus ``dice_weight`` times a
+    soft Dice loss: 1 - mean over organs of (2 sum(p g) + 1) / (sum p + sum g + 1),
+    sums over the whole batch, p the softmax probability and g the one-hot target.
+    Evaluation during training (``final`` False): volumetric IoU and Dice per
+    organ on the cache grid. Final evaluation: the output is resampled to the
+    original grid (``engine.resample.labels_to_original``) and compared with the
+    original label map: IoU, Dice and, with ``hd95``, HD95 in mm per organ
+    (definitions in ``engine.metrics``). Both-empty organs give NaN and are left
+    out of the means.
+    """
+
+    name = "segmentation"
+    description = "organ segmentation: cross entropy (+ optional soft Dice); IoU, Dice, HD95 per organ"
+    kind = "classification"
+    head = "conv"
+    Params = SegmentationParams
+
+    def __init__(self, params: SegmentationParams, info: DatasetInfo) -> None:
+        super().__init__(params, info)
+        self.params: SegmentationParams = params
+
+    def out_channels(self) -> int:
+        return len(self.info.organs) + 1
+
+    def loss(self, output: "torch.Tensor", batch) -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        target = batch["labels"].long()
+        loss = F.cross_entropy(output, target)
+        if self.params.dice_weight > 0:
+            loss = loss + self.params.dice_weight * soft_dice_loss(output, target)
+        return loss
+
+    def metrics(self) -> dict[str, MetricInfo]:
+        out: dict[str, MetricInfo] = {}
+        kinds = ["iou", "dice"] + (["hd95"] if self.params.hd95 else [])
+        for kind in kinds:
+            info = MetricInfo(False, "mm") if kind == "hd95" else MetricInfo(True)
+            for organ in self.info.organs:
+                out[f"{kind}_{organ}"] = info
+            out[f"{kind}_mean"] = info
+        return out
+
+    def main_metric(self) -> str:
+        return "iou_mean"
+
+    def evaluate(self, volume: EvalVolume) -> dict[str, float]:
+        from mtlbench.engine import metrics
+
+        output = np.asarray(volume.output)
+        n = len(self.info.organs)
+        if output.ndim != 4 or output.shape[1] != n + 1:
+            raise ValueError(
+                f"patient {volume.patient}: segmentation output must be (S, {n + 1}, H, W), got {output.shape}"
+            )
+        if not volume.final:
+            pred = output.argmax(axis=1).astype(np.uint8)
+            return self._scores(metrics.overlap(pred, volume.labels, n), {})
+        from mtlbench.engine.resample import labels_to_original
+
+        pred = labels_to_original(output, volume.geometry)
+        ref = np.asarray(volume.orig_labels)
+        if pred.shape != ref.shape:
+            raise ValueError(
+                f"patient {volume.patient}: original label map has shape {ref.shape}, geometry gives {pred.shape}"
+            )
+        hd: dict[int, float] = {}
+        if self.params.hd95:
+            spacing_zyx = tuple(reversed(volume.geometry.spacing))
+            hd = {i: metrics.hd95(pred == i, ref == i, spacing_zyx) for i in range(1, n + 1)}
+        return self._scores(metrics.overlap(pred, ref, n), hd)
+
+    def export(self, volume: EvalVolume, out_dir: Path) -> list[Path]:
+        """Write ``<patient>_labels.nii.gz``: the predicted label map on the original grid (uint8).
+
+        It is the same map the final evaluation scores (``labels_to_original``).
+        """
+        from mtlbench.data.io import write_volume
+        from mtlbench.engine.resample import labels_to_original
+
+        path = Path(out_dir) / f"{volume.patient}_labels.nii.gz"
+        write_volume(path, labels_to_original(np.asarray(volume.output), volume.geometry), volume.geometry, np.uint8)
+        return [path]
+
+    def pictures(self, volume: EvalVolume, index: int) -> list[Picture]:
+        """Ground-truth and predicted organ labels of the slice, drawn over the CT."""
+        pred = np.asarray(volume.output[index]).argmax(axis=0).astype(np.uint8)
+        return [Picture("organs", "labels", np.asarray(volume.labels[index], dtype=np.uint8), pred)]
+
+    def _scores(self, ov: dict[int, tuple[float, float]], hd: dict[int, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, organ in enumerate(self.info.organs, start=1):
+            out[f"iou_{organ}"], out[f"dice_{organ}"] = ov[i]
+            if hd:
+                out[f"hd95_{organ}"] = hd[i]
+        for kind in ["iou", "dice"] + (["hd95"] if hd else []):
+            out[f"{kind}_mean"] = _nanmean([out[f"{kind}_{o}"] for o in self.info.organs])
+        return out
+
+
+def soft_dice_loss(output: "torch.Tensor", target: "torch.Tensor", smooth: float = 1.0) -> "torch.Tensor":
+    """1 - mean over organ classes 1..C-1 of the batch soft Dice (see :class:`Segmentation`)."""
+    import torch
+    import torch.nn.functional as F
+
+    prob = torch.softmax(output, dim=1)[:, 1:]
+    onehot = F.one_hot(target.long(), output.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(prob.dtype)
+    dims = (0, 2, 3)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+@hookimpl
+def register_tasks(register):
+    register(Segmentation)
