@@ -152,26 +152,9 @@ def config_show(
     typer.echo(to_toml(cfg), nl=False)
 
 
+# Plugins add data commands here too (the built-in phantom source adds ``data phantom``).
 data_app = typer.Typer(help="Generate, read and prepare data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-
-@data_app.command("phantom")
-@handle_errors
-def data_phantom(
-    out: Path = typer.Argument(..., help="Folder to create (must not exist or be empty)."),
-    patients: int = typer.Option(20, "--patients", "-n", min=2, help="Number of patients."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
-) -> None:
-    """Write the synthetic abdominal-CT phantom (NIfTI, .fcsv, manifest.csv) into OUT."""
-    from rich.progress import Progress
-
-    from mtlbench.builtin.phantom import generate_phantom
-
-    with Progress(transient=True) as bar:
-        job = bar.add_task("phantom", total=patients)
-        manifest = generate_phantom(out, patients, seed, progress=lambda i: bar.update(job, completed=i))
-    typer.echo(str(manifest))
 
 
 @data_app.command("prepare")
@@ -331,11 +314,12 @@ def _register_plugin_commands() -> None:
     from mtlbench.plugins import get_manager
 
     try:
-        before = len(app.registered_commands)
+        before = {id(a): len(a.registered_commands) for a in (app, data_app)}
         get_manager().register_commands(app)
-        for info in app.registered_commands[before:]:  # plugin commands get the same one-line errors
-            if info.callback is not None:
-                info.callback = handle_errors(info.callback)
+        for typer_app in (app, data_app):  # plugin commands get the same one-line errors
+            for info in typer_app.registered_commands[before[id(typer_app)]:]:
+                if info.callback is not None:
+                    info.callback = handle_errors(info.callback)
     except MtlbenchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None

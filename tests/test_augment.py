@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from mtlbench.config import AugmentConfig
-from mtlbench.engine.augment import affine_theta, draw_params, random_affine
+from mtlbench.api import Target
+from mtlbench.engine.augment import LABELS_RULE, affine_theta, draw_params, random_affine, warp_points
+
+RULES = {"labels": LABELS_RULE, "heatmaps": Target("heatmaps", 1, warp="linear")}
 
 torch.set_num_threads(1)
 
@@ -31,14 +34,14 @@ def gen(seed=0) -> torch.Generator:
 
 def test_disabled_is_identity():
     image, targets = batch()
-    out, tout = random_affine(image, targets, AugmentConfig(enabled=False), gen())
+    out, tout = random_affine(image, targets, RULES, AugmentConfig(enabled=False), gen())
     assert out is image
     assert all(tout[k] is targets[k] for k in targets)
 
 
 def test_zero_ranges_are_identity():
     image, targets = batch(h=8, w=12)
-    out, tout = random_affine(image, targets, fixed(), gen())
+    out, tout = random_affine(image, targets, RULES, fixed(), gen())
     assert torch.allclose(out, image, atol=1e-6, rtol=0)
     assert torch.equal(tout["labels"], targets["labels"])
     assert tout["labels"].dtype == targets["labels"].dtype
@@ -49,7 +52,7 @@ def test_zero_ranges_are_identity():
 def test_quarter_turns_match_rot90(angle, k):
     """Positive angles turn content counter-clockwise as displayed (row 0 on top), like np.rot90(k=1)."""
     image, targets = batch(b=3, h=8, w=8)
-    out, tout = random_affine(image, targets, fixed(rotation=angle), gen())
+    out, tout = random_affine(image, targets, RULES, fixed(rotation=angle), gen())
     for i in range(3):
         expected = np.rot90(targets["labels"][i].numpy(), k)
         assert np.array_equal(tout["labels"][i].numpy(), expected)
@@ -60,10 +63,10 @@ def test_quarter_turns_match_rot90(angle, k):
 def test_non_square_rotation_has_no_shear():
     labels = torch.zeros((1, 6, 10), dtype=torch.int64)
     labels[0, 1:5, 3:7] = 1  # a 4x4 square centred on the 6x10 image
-    _, tout = random_affine(torch.zeros((1, 1, 6, 10)), {"labels": labels}, fixed(rotation=90.0), gen())
+    _, tout = random_affine(torch.zeros((1, 1, 6, 10)), {"labels": labels}, RULES, fixed(rotation=90.0), gen())
     assert torch.equal(tout["labels"], labels)
     labels2 = torch.arange(60).reshape(1, 6, 10)
-    _, t2 = random_affine(torch.zeros((1, 1, 6, 10)), {"labels": labels2}, fixed(rotation=180.0), gen())
+    _, t2 = random_affine(torch.zeros((1, 1, 6, 10)), {"labels": labels2}, RULES, fixed(rotation=180.0), gen())
     assert np.array_equal(t2["labels"][0].numpy(), np.rot90(labels2[0].numpy(), 2))
 
 
@@ -77,7 +80,7 @@ def shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 def test_translation_direction_and_padding():
     image, targets = batch(b=1, h=8, w=8)
-    out, tout = random_affine(image, targets, fixed(translation=0.25), gen())  # +2 px on both axes
+    out, tout = random_affine(image, targets, RULES, fixed(translation=0.25), gen())  # +2 px on both axes
     assert np.array_equal(tout["labels"][0].numpy(), shift(targets["labels"][0].numpy(), 2, 2))
     assert np.allclose(tout["heatmaps"][0].numpy(), shift(targets["heatmaps"][0].numpy(), 2, 2), atol=1e-6)
     img = image[0, 0].numpy()
@@ -89,23 +92,23 @@ def test_translation_direction_and_padding():
 def test_composition_order_rotation_then_translation():
     _, targets = batch(b=1, h=8, w=8)
     lab = targets["labels"][0].numpy()
-    _, tout = random_affine(torch.zeros((1, 1, 8, 8)), targets, fixed(rotation=90.0, translation=0.25), gen())
+    _, tout = random_affine(torch.zeros((1, 1, 8, 8)), targets, RULES, fixed(rotation=90.0, translation=0.25), gen())
     assert np.array_equal(tout["labels"][0].numpy(), shift(np.rot90(lab, 1), 2, 2))
 
 
 def test_scale_enlarges_about_the_centre():
     labels = torch.zeros((1, 8, 8), dtype=torch.int64)
     labels[0, 2:6, 2:6] = 1
-    _, tout = random_affine(torch.zeros((1, 1, 8, 8)), {"labels": labels}, fixed(scale=2.0), gen())
+    _, tout = random_affine(torch.zeros((1, 1, 8, 8)), {"labels": labels}, RULES, fixed(scale=2.0), gen())
     assert bool((tout["labels"] == 1).all())
-    _, small = random_affine(torch.zeros((1, 1, 8, 8)), {"labels": labels}, fixed(scale=0.5), gen())
+    _, small = random_affine(torch.zeros((1, 1, 8, 8)), {"labels": labels}, RULES, fixed(scale=0.5), gen())
     assert int(small["labels"].sum()) == 4 and bool(small["labels"][0, 3:5, 3:5].eq(1).all())
 
 
 def test_image_equal_to_labels_moves_like_labels():
     _, targets = batch(b=4, h=8, w=8, seed=1)
     image = targets["labels"][:, None].float()
-    out, tout = random_affine(image, targets, fixed(rotation=-90.0), gen())
+    out, tout = random_affine(image, targets, RULES, fixed(rotation=-90.0), gen())
     assert torch.allclose(out[:, 0], tout["labels"].float(), atol=1e-5)
 
 
@@ -116,7 +119,7 @@ def test_labels_stay_in_label_set_and_batch_is_per_sample():
     labels[:, 6:10, 9:14] = 7
     image = torch.rand((4, 1, 16, 16), generator=g)
     cfg = AugmentConfig(rotation_deg=(-30, 30), scale=(0.8, 1.2), translation=(-0.1, 0.1))
-    out, tout = random_affine(image, {"labels": labels}, cfg, gen(11))
+    out, tout = random_affine(image, {"labels": labels}, RULES, cfg, gen(11))
     assert tout["labels"].dtype == torch.uint8
     assert set(torch.unique(tout["labels"]).tolist()) <= {0, 3, 7}
     assert not torch.equal(tout["labels"][0], tout["labels"][1])  # one transform per sample
@@ -134,9 +137,9 @@ def test_labels_stay_in_label_set_and_batch_is_per_sample():
 def test_deterministic_with_same_generator_seed():
     image, targets = batch(b=3, h=16, w=16)
     cfg = AugmentConfig(rotation_deg=(-10, 10), scale=(0.9, 1.1), translation=(-0.05, 0.05))
-    a = random_affine(image, targets, cfg, gen(7))
-    b = random_affine(image, targets, cfg, gen(7))
-    c = random_affine(image, targets, cfg, gen(8))
+    a = random_affine(image, targets, RULES, cfg, gen(7))
+    b = random_affine(image, targets, RULES, cfg, gen(7))
+    c = random_affine(image, targets, RULES, cfg, gen(8))
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in targets)
     assert not torch.equal(a[0], c[0])
 
@@ -144,16 +147,50 @@ def test_deterministic_with_same_generator_seed():
 def test_mismatched_target_shape_is_rejected():
     image, _ = batch(b=2, h=8, w=8)
     with pytest.raises(ValueError, match="labels"):
-        random_affine(image, {"labels": torch.zeros((2, 8, 6), dtype=torch.int64)}, fixed(), gen())
+        random_affine(image, {"labels": torch.zeros((2, 8, 6), dtype=torch.int64)}, RULES, fixed(), gen())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_same_result_on_cuda():
     image, targets = batch(b=3, h=16, w=16)
     cfg = AugmentConfig(rotation_deg=(-10, 10), scale=(0.9, 1.1), translation=(-0.05, 0.05))
-    cpu = random_affine(image, targets, cfg, gen(3))
-    gpu = random_affine(image.cuda(), {k: v.cuda() for k, v in targets.items()}, cfg, gen(3))
+    cpu = random_affine(image, targets, RULES, cfg, gen(3))
+    gpu = random_affine(image.cuda(), {k: v.cuda() for k, v in targets.items()}, RULES, cfg, gen(3))
     assert gpu[0].is_cuda
     assert torch.allclose(cpu[0], gpu[0].cpu(), atol=1e-4)
     assert (cpu[1]["labels"] != gpu[1]["labels"].cpu()).float().mean() < 0.01  # ties may round differently
     assert torch.allclose(cpu[1]["heatmaps"], gpu[1]["heatmaps"].cpu(), atol=1e-4)
+
+
+def test_fill_value_is_used_outside_the_slice():
+    """A linear target with fill 1 gets 1 where the shifted slice samples outside; nearest keeps its values."""
+    sdm = torch.zeros((1, 1, 8, 8))
+    codes = torch.full((1, 1, 8, 8), 3, dtype=torch.int64)
+    rules = {"sdm": Target("sdm", 1, warp="linear", fill=1.0), "codes": Target("codes", 1, "int64", "nearest", fill=7)}
+    _, out = random_affine(torch.zeros((1, 1, 8, 8)), {"sdm": sdm, "codes": codes}, rules, fixed(translation=0.25), gen())
+    # +2 px: rows/cols 0-1 come from outside
+    assert torch.all(out["sdm"][0, 0, :2] == 1.0) and torch.all(out["sdm"][0, 0, 2:, 2:] == 0.0)
+    assert set(out["codes"].unique().tolist()) == {3, 7} and torch.all(out["codes"][0, 0, :2] == 7)
+
+
+def test_points_follow_the_content_they_mark():
+    """The moved point lands where the warped image's blob is; NaN stays NaN; 'none' targets are untouched."""
+    h, w = 40, 56
+    rr, cc = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    pts = torch.tensor([[[12.3, 20.7], [float("nan"), float("nan")]], [[25.0, 30.0], [8.0, 44.0]]])
+    image = torch.stack([torch.exp(-((rr - p[0, 0]) ** 2 + (cc - p[0, 1]) ** 2) / (2 * 1.5**2)) for p in pts])[:, None]
+    near = torch.tensor([[1.0, 0.0], [0.5, 1.0]])
+    rules = {"p": Target("p", 2, warp="points"), "near": Target("near", 2, warp="none")}
+    cfg = AugmentConfig(rotation_deg=(-30.0, 30.0), scale=(0.8, 1.2), translation=(-0.1, 0.1))
+    out, t = random_affine(image, {"p": pts, "near": near}, rules, cfg, gen(5))
+    for i in range(2):
+        m = out[i, 0]
+        centroid = torch.stack([(m * rr).sum() / m.sum(), (m * cc).sum() / m.sum()])
+        assert torch.allclose(t["p"][i, 0], centroid, atol=0.05), (t["p"][i, 0], centroid)
+    assert torch.isnan(t["p"][0, 1]).all() and t["near"] is near
+    # a quarter turn moves (row, col) exactly as np.rot90 moves a pixel
+    theta = affine_theta(torch.tensor([[90.0, 1.0, 0.0, 0.0]], dtype=torch.float64), 8, 8)
+    moved = warp_points(torch.tensor([[[1.0, 6.0]]]), theta, 8, 8)
+    a = np.zeros((8, 8))
+    a[1, 6] = 1
+    assert np.argwhere(np.rot90(a, 1))[0].tolist() == moved[0, 0].round().int().tolist()

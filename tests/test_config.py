@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mtlbench.config import expand_grid, load_config, parse_value, resolve_plugins, to_toml, validate_config
+from mtlbench.assemble import resolve_plugins
+from mtlbench.config import expand_grid, load_config, parse_value, to_toml, validate_config
 from mtlbench.errors import ConfigError
 
 BASE = """

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from mtlbench.api import Geometry, Landmark
+from mtlbench.assemble import source_request
 from mtlbench.builtin.datasets import ManifestSource, PhantomSource, VisceralSource
 from mtlbench.config import validate_config
 from mtlbench.data.io import read_volume, write_volume
@@ -23,7 +24,7 @@ PELVES = ["renal_pelvis_right", "renal_pelvis_left"]
 
 def make_source(cls, data: dict):
     cfg = validate_config({"data": data})
-    return cls(cls.Params(**cfg.source_params()), cfg)
+    return cls(cls.Params(**cfg.source_params()), source_request(cfg))
 
 
 def centroid_lps(mask: np.ndarray, geo: Geometry) -> np.ndarray:

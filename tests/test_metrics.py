@@ -9,6 +9,8 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from mtlbench.api import Geometry
+from mtlbench.builtin import landmarks as lmk
+from mtlbench.data.grid import index_to_physical
 from mtlbench.engine import metrics
 from mtlbench.engine.resample import labels_to_original, resize_to
 
@@ -122,8 +124,8 @@ def test_heatmap_rmse():
     a = RNG.random((2, 20, 8, 8)).astype(np.float32)
     b = RNG.random((2, 20, 8, 8)).astype(np.float32)
     expected = np.sqrt(np.mean((a.astype(np.float64) - b) ** 2))
-    assert metrics.heatmap_rmse(a, b) == pytest.approx(expected, rel=1e-10)
-    assert metrics.heatmap_rmse(a, a) == 0.0
+    assert lmk.heatmap_rmse(a, b) == pytest.approx(expected, rel=1e-10)
+    assert lmk.heatmap_rmse(a, a) == 0.0
 
 
 def gaussian(shape, centre, sigma):
@@ -135,24 +137,24 @@ def gaussian(shape, centre, sigma):
 def test_subvoxel_refinement_recovers_gaussian_centre():
     for centre, sigma in [((10.3, 7.6, 12.2), (2.0, 2.5, 1.5)), ((6.0, 8.45, 9.55), (1.2, 3.0, 2.0))]:
         vol = gaussian((20, 18, 24), centre, sigma)
-        peaks = metrics.find_peaks_3d(vol, 1, np.eye(4))
+        peaks = lmk.find_peaks_3d(vol, 1, np.eye(4))
         assert tuple(peaks[0]) == tuple(int(round(c)) for c in centre)
-        refined = metrics.refine_subvoxel(vol, peaks)[0]
+        refined = lmk.refine_subvoxel(vol, peaks)[0]
         assert np.all(np.abs(refined - np.asarray(centre)) < 0.1)
 
 
 def test_refine_subvoxel_border_and_flat():
     vol = np.zeros((3, 3, 3), dtype=np.float32)
     vol[0, 1, 1] = 1.0
-    assert np.allclose(metrics.refine_subvoxel(vol, [[0, 1, 1]]), [[0, 1, 1]])  # border axis untouched
+    assert np.allclose(lmk.refine_subvoxel(vol, [[0, 1, 1]]), [[0, 1, 1]])  # border axis untouched
 
 
 def test_find_peaks_non_maximum_suppression_in_mm():
     spacing = np.diag([3.0, 1.0, 1.0, 1.0])  # 3 mm slices
     vol = gaussian((20, 30, 30), (5, 10, 10), (1.5, 3, 3)) + 0.8 * gaussian((20, 30, 30), (9, 10, 10), (1.5, 3, 3))
-    peaks = metrics.find_peaks_3d(vol, 2, spacing, radius_mm=10.0)  # the blobs are 12 mm apart
+    peaks = lmk.find_peaks_3d(vol, 2, spacing, radius_mm=10.0)  # the blobs are 12 mm apart
     assert [tuple(p) for p in peaks] == [(5, 10, 10), (9, 10, 10)]
-    peaks = metrics.find_peaks_3d(vol, 2, spacing, radius_mm=15.0)  # the second blob is suppressed
+    peaks = lmk.find_peaks_3d(vol, 2, spacing, radius_mm=15.0)  # the second blob is suppressed
     assert tuple(peaks[0]) == (5, 10, 10)
     assert all(np.linalg.norm((p - [5, 10, 10]) * [3, 1, 1]) >= 15 for p in peaks[1:])
 
@@ -173,7 +175,7 @@ def oblique_affine(spacing=(2.0, 1.2, 1.0), origin=(-40.0, 25.0, 100.0)):
 def physical_heatmap(shape, affine, points, sigma_mm=5.0):
     """Max-combined Gaussian blobs defined in physical space, sampled on the grid."""
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
-    phys = metrics.to_physical(idx, affine)
+    phys = index_to_physical(idx, affine)
     out = np.zeros(len(idx))
     for p in points:
         out = np.maximum(out, np.exp(-np.sum((phys - p) ** 2, axis=1) / (2 * sigma_mm**2)))
@@ -184,36 +186,36 @@ def test_locate_landmarks_two_blobs_oblique():
     affine = oblique_affine()
     shape = (24, 40, 44)
     # continuous positions inside the grid, ~30 mm apart
-    left = metrics.to_physical([[8.3, 14.6, 12.2]], affine)[0]
-    right = metrics.to_physical([[14.7, 25.2, 30.4]], affine)[0]
+    left = index_to_physical([[8.3, 14.6, 12.2]], affine)[0]
+    right = index_to_physical([[14.7, 25.2, 30.4]], affine)[0]
     heat = physical_heatmap(shape, affine, [left, right])[None]  # one channel with both landmarks
-    found = metrics.locate_landmarks(heat, affine, [["right", "left"]], {"right": right, "left": left})
+    found = lmk.locate_landmarks(heat, affine, [["right", "left"]], {"right": right, "left": left})
     assert set(found) == {"left", "right"}
     assert np.linalg.norm(found["left"] - left) < 1.0
     assert np.linalg.norm(found["right"] - right) < 1.0
     # only one reference name: a single (highest) peak is decoded and named after it
-    only = metrics.locate_landmarks(heat, affine, [["right", "left"]], {"left": left})
+    only = lmk.locate_landmarks(heat, affine, [["right", "left"]], {"left": left})
     assert set(only) == {"left"}
 
 
 def test_locate_landmarks_without_reference_and_missing_peaks():
     affine = oblique_affine()
     shape = (16, 20, 20)
-    p = metrics.to_physical([[8.0, 10.2, 9.7]], affine)[0]
+    p = index_to_physical([[8.0, 10.2, 9.7]], affine)[0]
     heat = np.stack([physical_heatmap(shape, affine, [p]), np.full(shape, np.nan, np.float32)])
-    found = metrics.locate_landmarks(heat, affine, [["a"], ["b"]])
+    found = lmk.locate_landmarks(heat, affine, [["a"], ["b"]])
     assert np.linalg.norm(found["a"] - p) < 1.0
     assert np.all(np.isnan(found["b"]))  # no finite value: no peak
     with pytest.raises(ValueError, match="groups"):
-        metrics.locate_landmarks(heat, affine, [["a"], ["b"], ["c"]])
+        lmk.locate_landmarks(heat, affine, [["a"], ["b"], ["c"]])
 
 
 def test_assign_peaks_minimum_total_distance():
     ref = {"a": [0.0, 0.0, 0.0], "b": [10.0, 0.0, 0.0]}
     peaks = np.array([[9.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    got = metrics.assign_peaks(peaks, ["a", "b"], ref)
+    got = lmk.assign_peaks(peaks, ["a", "b"], ref)
     assert np.allclose(got["a"], [1, 0, 0]) and np.allclose(got["b"], [9, 0, 0])
-    got = metrics.assign_peaks(peaks[:1], ["a", "b"], ref)
+    got = lmk.assign_peaks(peaks[:1], ["a", "b"], ref)
     assert np.allclose(got["b"], [9, 0, 0]) and np.all(np.isnan(got["a"]))
 
 

@@ -8,14 +8,15 @@ from torch import nn
 
 from mtlbench.api import DatasetInfo
 from mtlbench.builtin.heads import ConvHead, ConvHeadParams
-from mtlbench.builtin.tasks import LandmarkParams, Landmarks, Segmentation, SegmentationParams
+from mtlbench.builtin.landmarks import LandmarkParams, Landmarks
+from mtlbench.builtin.segmentation import Segmentation, SegmentationParams
 from mtlbench.config import Config
 from mtlbench.engine.model import MultiTaskModel, UNetTrunk, build_model
 from mtlbench.errors import ConfigError
 
 torch.set_num_threads(1)
 
-INFO = DatasetInfo(organs=("kidney_right", "kidney_left"), landmarks=("a", "b"), heatmap_channels=2, slice_size=(32, 32))
+INFO = DatasetInfo(organs=("kidney_right", "kidney_left"), landmarks=("a", "b"), slice_size=(32, 32))
 
 
 def small_cfg(widths=(4, 8, 16), size=(32, 32)) -> Config:
@@ -25,7 +26,7 @@ def small_cfg(widths=(4, 8, 16), size=(32, 32)) -> Config:
 def tasks_and_heads(labels=("segmentation", "landmarks")):
     all_tasks = {
         "segmentation": Segmentation(SegmentationParams(), INFO),
-        "landmarks": Landmarks(LandmarkParams(), INFO),
+        "landmarks": Landmarks(LandmarkParams(groups=[["a"], ["b"]]), INFO),
     }
     tasks = {k: all_tasks[k] for k in labels}
     heads = {k: ConvHead(ConvHeadParams(width=4)) for k in labels}

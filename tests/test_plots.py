@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,27 +27,46 @@ ROWS = [
 FOLDS = {0: ["a", "b"], 1: ["c", "d"]}
 
 
-def _example(path: Path, patient: str, with_pred_heatmap: bool) -> None:
+CONFIG = {
+    "experiment": {"name": "plots-test", "folds": 2},
+    "data": {"landmarks": ["renal_pelvis_right"]},
+    "preprocess": {"slice_size": [H, W]},
+    "train": {"epochs": 3, "batch_size": 2, "lr": 1e-4},
+    "strategies": {"single": {}, "joint": {"grid": {"weights.landmarks": [1, 3]}}},
+    "profile": "cpu",
+}
+
+
+def _example(path: Path, patient: str, joint: bool) -> None:
+    """example.npz as the engine writes it: the real tasks' pictures of one hand-made slice."""
+    from mtlbench.api import CachedPatient, Geometry
+    from mtlbench.assemble import make_tasks
+    from mtlbench.config import validate_config
+    from mtlbench.engine.train import example_arrays
+
     yy, xx = np.mgrid[0:H, 0:W]
-    labels = np.zeros((H, W), np.uint8)
-    labels[10:30, 8:20] = 1
-    labels[12:32, 28:40] = 2
+    labels = np.zeros((1, H, W), np.uint8)
+    labels[0, 10:30, 8:20] = 1
+    labels[0, 12:32, 28:40] = 2
     pred = np.zeros_like(labels)
-    pred[13:33, 10:22] = 1
-    pred[12:30, 30:42] = 2
-    heat = np.exp(-((yy - 20) ** 2 + (xx - 14) ** 2) / 18.0).astype(np.float32)
-    arrays = {
-        "image": (np.linspace(-1.0, 1.0, H * W, dtype=np.float32).reshape(H, W)),
-        "labels": labels,
-        "pred": pred,
-        "heatmap": heat,
-        "patient": np.array(patient),
-        "slice": np.array(17),
-    }
-    if with_pred_heatmap:
-        arrays["pred_heatmap"] = 0.8 * np.roll(heat, 2, axis=1)
+    pred[0, 13:33, 10:22] = 1
+    pred[0, 12:30, 30:42] = 2
+    heat = np.exp(-((yy - 20) ** 2 + (xx - 14) ** 2) / 18.0).astype(np.float32)[None, None]
+    rec = CachedPatient(
+        id=patient,
+        image=np.linspace(-1.0, 1.0, H * W, dtype=np.float32).reshape(1, H, W),
+        labels=labels,
+        orig_labels=labels,
+        index_to_physical=np.eye(4),
+        geometry=Geometry(size=(W, H, 1), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)),
+        targets={"landmarks": {"heatmaps": heat}},
+    )
+    outputs = {"segmentation": 10.0 * np.moveaxis(np.eye(3, dtype=np.float32)[pred], -1, 1)}
+    if joint:
+        outputs["landmarks"] = 0.8 * np.roll(heat, 2, axis=3)
+    comp = types.SimpleNamespace(model_tasks=list(outputs), tasks=make_tasks(validate_config(CONFIG)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez(path, **example_arrays(rec, outputs, comp))
 
 
 def make_run(root: Path) -> Path:
@@ -75,19 +95,21 @@ def make_run(root: Path) -> Path:
                     "params": copy.deepcopy(params), "seed": 0, "status": "completed", "error": None,
                     "metrics": metrics, "per_patient": per_patient, "history": history,
                     "wall_time_s": 5.0, "peak_memory_mb": 50.0,
-                    "config": {"preprocess": {"scale": 500.0}, "train": {"epochs": 3, "batch_size": 2, "lr": 1e-4}},
+                    "train": {"epochs": 3, "batch_size": 2, "lr": 1e-4, "lr_decay_epoch": 10 if r < 2 else 20},
                     "compare_to": None,
                 }
             )
             _example(root / "trials" / name / "example.npz", patients[0], strategy == "joint")
     trials.append(dict(trials[0], id="broken", dir="trials/broken", status="failed", error="boom", metrics={}, per_patient=[], history=[]))
-    meta = {
-        "experiment": "plots-test", "main_metric": "segmentation/iou_mean", "baseline": "single",
-        "directions": {"segmentation/iou_mean": True, "landmarks/rmse": False},
-        "organs": ["kidney_right", "kidney_left"], "landmarks": ["renal_pelvis_right"],
-        "aux_metrics": ["landmarks/rmse"], "created": "2025-01-01T00:00:00",
-    }
-    (root / "results.json").write_text(json.dumps({"meta": meta, "trials": trials}))
+    # written as a run writes it: metric_meta of the config, then write_results (which strips trial configs)
+    from mtlbench.config import validate_config
+    from mtlbench.orchestrate.results import metric_meta, write_results
+
+    cfg = validate_config(CONFIG)
+    meta = metric_meta(cfg, types.SimpleNamespace(organs=cfg.data.organs, landmarks=cfg.data.landmarks))
+    for t in trials:
+        t["config"] = cfg.to_toml_dict()  # what run_trial records; results.json keeps it once, in meta
+    write_results(root, meta, trials)
     return root
 
 
@@ -137,7 +159,11 @@ def test_bad_example_raises_data_error(tmp_path):
     bad = run / "trials" / "r0-f0" / "example.npz"
     np.savez(bad, image=np.zeros((4, 4), np.float32))
     results = json.loads((run / "results.json").read_text())
-    with pytest.raises(DataError, match=r"r0-f0.*example\.npz: lacks the array 'labels'"):
+    with pytest.raises(DataError, match=r"r0-f0.*example\.npz: lacks the array 'pictures'"):
+        plot_overlays(results, run, run / "plots")
+    np.savez(bad, image=np.zeros((4, 4), np.float32), p0_truth=np.zeros((3, 3)),
+             pictures=np.array(json.dumps([{"style": "map", "truth": "p0_truth", "pred": None}])))
+    with pytest.raises(DataError, match=r"'p0_truth' has shape \(3, 3\), 'image' has \(4, 4\)"):
         plot_overlays(results, run, run / "plots")
     bad.write_bytes(b"not a zip file")
     with pytest.raises(DataError, match=r"example\.npz: not a readable \.npz file"):
@@ -160,3 +186,22 @@ def test_write_report_embeds_plots(tmp_path):
         assert row["label"] in text
     assert "| broken | single | 0 | 0 | failed | boom |" in text
     assert "# mtlbench report: plots-test" in text
+    # the run's settings come from results.json's meta.config (trial records carry no config)
+    assert "config" not in json.loads((run / "results.json").read_text())["trials"][0]
+    for row in ("| profile | cpu |", "| data source | phantom |", "| slice size | [48, 48] |", "| epochs | 3 |",
+                "| batch size | 2 |", "| learning rate | 0.0001 (×0.1 at epoch 10) |"):
+        assert row in text, row
+    assert "lr_decay_epoch=20" in text  # the joint lambda-3 row trained with another schedule
+
+
+def test_overlays_draw_what_each_task_pictures(tmp_path):
+    run = make_run(tmp_path)
+    ex = np.load(run / "trials" / "r1-f0" / "example.npz")
+    pictures = json.loads(str(ex["pictures"]))
+    assert [(p["task"], p["style"]) for p in pictures] == [("segmentation", "labels"), ("landmarks", "map")]
+    assert ex[pictures[1]["truth"]].shape == (H, W) and float(ex[pictures[1]["truth"]].max()) == pytest.approx(1.0)
+    single = json.loads(str(np.load(run / "trials" / "r0-f0" / "example.npz")["pictures"]))
+    assert [p["task"] for p in single] == ["segmentation"]  # the baseline has no landmark tail
+    paths = plot_overlays(json.loads((run / "results.json").read_text()), run, run / "plots")
+    widths = [imread(p).shape[1] for p in paths]
+    assert widths[1] > 2 * widths[0]  # organs + truth map + predicted map vs organs only

@@ -19,7 +19,7 @@ def test_every_hookspec_is_documented_with_its_signature():
 
 
 def test_every_interface_member_is_documented():
-    for cls in (api.Task, api.Head, api.Strategy, api.DatasetSource):
+    for cls in (api.Task, api.Head, api.Strategy, api.DatasetSource, api.CacheGrid):
         for name, _ in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_") and name != "__init__":
                 continue

@@ -1,4 +1,5 @@
-"""Tests for mtlbench.data.preprocess: intensity, resizing, label maps, geometry and Gaussian heatmaps."""
+"""Tests for the cache grid (mtlbench.data.grid), preprocessing (mtlbench.data.preprocess: intensity, label maps,
+the tasks' prepare) and the landmarks task's Gaussian heatmaps (mtlbench.builtin.landmarks)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from mtlbench.api import Geometry, Landmark, Patient
+from mtlbench.api import CacheGrid, Geometry, Landmark, Patient, Target, Task
+from mtlbench.assemble import make_tasks
+from mtlbench.builtin.landmarks import gaussian_box, gaussian_heatmaps
 from mtlbench.config import Config
-from mtlbench.data.preprocess import (
-    cache_affine,
-    gaussian_box,
-    gaussian_heatmaps,
-    label_map,
-    normalize,
-    physical_to_index,
-    preprocess_patient,
-    resize_slices,
-)
-from mtlbench.errors import ConfigError, DataError
+from mtlbench.data.grid import cache_affine, index_to_physical, physical_to_index, resize_slices
+from mtlbench.data.preprocess import label_map, normalize, preprocess_patient
+from mtlbench.errors import ConfigError, DataError, PluginError
 
 
 def rotation(axis: int, deg: float) -> np.ndarray:
@@ -235,36 +230,116 @@ def make_patient(landmarks) -> Patient:
     return Patient("p1", image, geom, {"kidney_right": right}, landmarks, {"image": "img.nii.gz"})
 
 
+def prepare(patient, cfg):
+    return preprocess_patient(patient, cfg, make_tasks(cfg))
+
+
 def test_preprocess_patient_shapes_and_groups():
     geom = geometry(DIRECTIONS["oblique"])
     lm_pos = tuple((np.array([6.0, 18.0, 20.0, 1.0]) @ geom.index_to_physical().T)[:3])
     patient = make_patient([Landmark("renal_pelvis_right", lm_pos), Landmark("other", (0.0, 0.0, 0.0))])
     cfg = Config(preprocess={"slice_size": (24, 30)})
-    prep = preprocess_patient(patient, cfg)
+    prep = prepare(patient, cfg)
     assert prep.image.shape == (12, 24, 30) and prep.image.dtype == np.float32
     assert prep.labels.shape == (12, 24, 30) and prep.labels.dtype == np.uint8
     assert prep.orig_labels.shape == (12, 36, 40) and set(np.unique(prep.orig_labels)) == {0, 1}
-    assert prep.heatmaps.shape == (1, 12, 24, 30)
+    heat = prep.targets["landmarks"]["heatmaps"]
+    assert heat.shape == (12, 1, 24, 30) and heat.dtype == np.float32
+    assert list(prep.targets) == ["landmarks"]
     assert [lm.name for lm in prep.landmarks] == ["renal_pelvis_right"]  # "other" is not configured; left one missing
     assert prep.image.min() >= -2.048 and prep.image.max() <= 2.048
     np.testing.assert_allclose(prep.index_to_physical, cache_affine(geom, (24, 30)))
-    assert prep.heatmaps.max() > 0.9
+    assert heat.max() > 0.9
+    # the peak sits at the landmark's cache index
+    s, r, c = np.unravel_index(np.argmax(heat[:, 0]), heat[:, 0].shape)
+    expect = physical_to_index(lm_pos, prep.index_to_physical)[0]
+    assert np.allclose([s, r, c], np.round(expect), atol=1)
 
     grouped = Config(
-        preprocess={"slice_size": (24, 30), "landmark_groups": [["renal_pelvis_right"], ["renal_pelvis_left"]]}
+        preprocess={"slice_size": (24, 30)},
+        tasks={"segmentation": {}, "landmarks": {"params": {"groups": [["renal_pelvis_right"], ["renal_pelvis_left"]]}}},
     )
-    prep = preprocess_patient(patient, grouped)
-    assert prep.heatmaps.shape[0] == 2 and prep.heatmaps[1].max() == 0 and prep.heatmaps[0].max() > 0.9
+    heat = prepare(patient, grouped).targets["landmarks"]["heatmaps"]
+    assert heat.shape[1] == 2 and heat[:, 1].max() == 0 and heat[:, 0].max() > 0.9
 
-    with pytest.raises(ConfigError, match="landmark_groups"):
-        preprocess_patient(patient, Config(preprocess={"landmark_groups": [["nope"]]}))
+    bad = Config(tasks={"segmentation": {}, "landmarks": {"params": {"groups": [["nope"]]}}})
+    with pytest.raises(ConfigError, match="tasks.landmarks.params.groups.*nope"):
+        make_tasks(bad)
+
+
+def test_old_preprocess_keys_name_their_new_home():
+    from mtlbench.config import validate_config
+
+    for old, new in [("sigma_mm", "tasks.landmarks.params.sigma_mm"), ("landmark_groups", "tasks.landmarks.params.groups")]:
+        with pytest.raises(ConfigError, match=rf"preprocess\.{old} has moved.*{new}"):
+            validate_config({"preprocess": {old: 3}}, "k.toml")
 
 
 def test_preprocess_patient_rejects_bad_input():
     patient = make_patient([Landmark("renal_pelvis_left", (0.0, 0.0, 0.0))] * 2)
     with pytest.raises(DataError, match="p1.*twice"):
-        preprocess_patient(patient, Config(preprocess={"slice_size": (8, 8)}))
+        prepare(patient, Config(preprocess={"slice_size": (8, 8)}))
     patient = make_patient([])
     patient.image = patient.image[:, :, :-1]
     with pytest.raises(DataError, match="p1.*shape"):
-        preprocess_patient(patient, Config(preprocess={"slice_size": (8, 8)}))
+        prepare(patient, Config(preprocess={"slice_size": (8, 8)}))
+
+
+class _Ramp(Task):
+    """A task whose targets exercise every shape rule: a map, points, per-slice values, a per-patient array."""
+
+    name = "ramp"
+    kind = "regression"
+    bad: str = ""
+
+    def targets(self):
+        return [
+            Target("map", 2, "float32", "linear"),
+            Target("pts", 1, "float32", "points"),
+            Target("flag", 1, "uint8", "none"),
+            Target("whole", 1, "float64", per_slice=False),
+        ]
+
+    def prepare(self, patient, grid: CacheGrid):
+        s, h, w = grid.shape
+        out = {
+            "map": np.stack([grid.resample(patient.image), grid.resample(patient.image) * 0 + 1], axis=1),
+            "pts": np.zeros((s, 1, 2)),
+            "flag": np.ones((s, 1), dtype=np.int64),
+            "whole": grid.to_physical(np.array([[0.0, 0.0, 0.0]])),
+        }
+        if self.bad == "shape":
+            out["map"] = out["map"][:, :1]
+        if self.bad == "missing":
+            del out["pts"]
+        return out
+
+
+def test_prepare_output_is_checked_and_cast():
+    cfg = Config(preprocess={"slice_size": (24, 30)})
+    patient = make_patient([])
+    task = _Ramp(_Ramp.Params(), None)
+    rec = preprocess_patient(patient, cfg, {"r": task})
+    t = rec.targets["r"]
+    assert t["map"].shape == (12, 2, 24, 30) and t["map"].dtype == np.float32
+    assert t["pts"].shape == (12, 1, 2) and t["pts"].dtype == np.float32
+    assert t["flag"].dtype == np.uint8 and t["whole"].shape == (1, 3)
+    np.testing.assert_allclose(t["whole"][0], index_to_physical([[0, 0, 0]], rec.index_to_physical)[0])
+    # CacheGrid.resample is the image's own resize
+    np.testing.assert_allclose(t["map"][:, 0], resize_slices(patient.image, (24, 30), "bilinear"))
+    for bad, match in (("shape", "target 'map' has shape"), ("missing", "declares targets")):
+        task.bad = bad
+        with pytest.raises(PluginError, match=f"task 'r'.*patient p1.*{match}"):
+            preprocess_patient(patient, cfg, {"r": task})
+
+
+def test_cache_grid_maps_points_and_spacing():
+    geom = geometry(DIRECTIONS["oblique"])
+    aff = cache_affine(geom, (18, 20))
+    grid = CacheGrid((12, 18, 20), aff, geom)
+    idx = np.array([[0.0, 0.0, 0.0], [3.5, 7.25, 19.0]])
+    np.testing.assert_allclose(grid.to_index(grid.to_physical(idx)), idx, atol=1e-9)
+    # cache pixels are (Y / H, X / W) original pixels wide; slices keep the slice spacing
+    np.testing.assert_allclose(grid.spacing(), (2.5, 1.1 * 36 / 18, 0.9 * 40 / 20))
+    with pytest.raises(ValueError, match="shape"):
+        grid.resample(np.zeros((12, 18, 20)))

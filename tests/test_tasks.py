@@ -9,15 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtlbench.api import DatasetInfo, EvalVolume, Geometry, Landmark
-from mtlbench.builtin.tasks import LandmarkParams, Landmarks, Segmentation, SegmentationParams
+from mtlbench.api import CachedPatient, DatasetInfo, EvalVolume, Geometry, Landmark
+from mtlbench.builtin.landmarks import LandmarkParams, Landmarks
+from mtlbench.builtin.segmentation import Segmentation, SegmentationParams
+from mtlbench.builtin import landmarks as lmk
+from mtlbench.data.grid import index_to_physical
 from mtlbench.engine import metrics
 from mtlbench.plugins import get_manager, reset_manager
 
 torch.set_num_threads(1)
 
 ORGANS = ("kidney_right", "kidney_left")
-INFO = DatasetInfo(organs=ORGANS, landmarks=("a", "b"), heatmap_channels=2, slice_size=(12, 20))
+INFO = DatasetInfo(organs=ORGANS, landmarks=("a", "b"), slice_size=(12, 20))
+TWO = [["a"], ["b"]]
 
 
 def test_registered_from_mtlbench_distribution():
@@ -37,7 +41,10 @@ def test_builtin_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, mtlbench.builtin.tasks, mtlbench.builtin.heads; print('torch' in sys.modules)"
+    code = (
+        "import sys, mtlbench.builtin.segmentation, mtlbench.builtin.landmarks, mtlbench.builtin.heads; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -51,8 +58,8 @@ def test_segmentation_loss_is_cross_entropy():
     target = torch.randint(0, 3, (2, 6, 5), generator=g)
     task = Segmentation(SegmentationParams(), INFO)
     assert task.out_channels() == 3
-    assert torch.allclose(task.loss(out, target), F.cross_entropy(out, target))
-    assert torch.allclose(task.loss(out, target.to(torch.uint8)), F.cross_entropy(out, target))
+    assert torch.allclose(task.loss(out, {"labels": target}), F.cross_entropy(out, target))
+    assert torch.allclose(task.loss(out, {"labels": target.to(torch.uint8)}), F.cross_entropy(out, target))
 
 
 def manual_soft_dice(out: torch.Tensor, target: torch.Tensor) -> float:
@@ -70,13 +77,13 @@ def test_segmentation_dice_term():
     out = torch.randn((2, 3, 6, 5), generator=g, requires_grad=True)
     target = torch.randint(0, 3, (2, 6, 5), generator=g)
     task = Segmentation(SegmentationParams(dice_weight=0.5), INFO)
-    loss = task.loss(out, target)
+    loss = task.loss(out, {"labels": target})
     expected = F.cross_entropy(out, target).item() + 0.5 * manual_soft_dice(out.detach(), target)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert torch.isfinite(out.grad).all()
     perfect = 50.0 * F.one_hot(target, 3).permute(0, 3, 1, 2).float()
-    assert Segmentation(SegmentationParams(dice_weight=1.0), INFO).loss(perfect, target).item() < 1e-3
+    assert Segmentation(SegmentationParams(dice_weight=1.0), INFO).loss(perfect, {"labels": target}).item() < 1e-3
     with pytest.raises(Exception):
         SegmentationParams(dice_weight=-1)
 
@@ -85,11 +92,11 @@ def test_landmark_losses():
     g = torch.Generator().manual_seed(2)
     out = torch.rand((2, 2, 6, 5), generator=g, requires_grad=True)
     target = torch.rand((2, 2, 6, 5), generator=g)
-    rmse = Landmarks(LandmarkParams(), INFO).loss(out, target)
+    rmse = Landmarks(LandmarkParams(), INFO).loss(out, {"heatmaps": target})
     assert torch.allclose(rmse, torch.sqrt(F.mse_loss(out, target)))
-    assert torch.allclose(Landmarks(LandmarkParams(loss="mse"), INFO).loss(out, target), F.mse_loss(out, target))
+    assert torch.allclose(Landmarks(LandmarkParams(loss="mse"), INFO).loss(out, {"heatmaps": target}), F.mse_loss(out, target))
     exact = target.clone().requires_grad_(True)
-    Landmarks(LandmarkParams(), INFO).loss(exact, target).backward()
+    Landmarks(LandmarkParams(), INFO).loss(exact, {"heatmaps": target}).backward()
     assert torch.isfinite(exact.grad).all()  # RMSE at a perfect fit keeps a finite gradient
 
 
@@ -108,7 +115,11 @@ def test_metric_declarations():
     assert lm.main_metric() == "rmse" and not m["rmse"].higher_is_better
     assert set(m) == {"rmse", "error_mm_a", "error_mm_b", "error_mm_mean", "detect_2mm", "detect_4mm", "detect_10mm"}
     assert m["detect_4mm"].higher_is_better and m["error_mm_a"].unit == "mm"
-    assert lm.out_channels() == 2
+    assert lm.out_channels() == 1  # default: every landmark in one channel
+    two = Landmarks(LandmarkParams(groups=TWO), INFO)
+    assert two.out_channels() == 2 and two.targets()[0].channels == 2 and two.targets()[0].warp == "linear"
+    assert two.target_settings() == {"sigma_mm": 5.0, "truncate": 4.0, "groups": TWO}
+    assert Landmarks(LandmarkParams(loss="mse"), INFO).target_settings() == lm.target_settings()
 
 
 # ----------------------------------------------------------------------------- segmentation evaluate
@@ -119,18 +130,15 @@ def seg_volume(orig: np.ndarray, cache_pred: np.ndarray, final: bool, spacing=(0
     z, y, x = orig.shape
     cache_labels = orig[:, ::2, ::2].copy()  # block-aligned: equals the nearest-exact resize
     logits = 10.0 * np.moveaxis(np.eye(3, dtype=np.float32)[cache_pred], -1, 1)  # (S, C, H, W)
-    return EvalVolume(
-        patient="p1",
-        output=logits,
+    rec = CachedPatient(
+        id="p1",
+        image=np.zeros(cache_labels.shape, np.float32),
         labels=cache_labels,
-        heatmaps=np.zeros((0,)),
+        orig_labels=orig,
         index_to_physical=np.eye(4),
         geometry=Geometry(size=(x, y, z), spacing=spacing, origin=(0.0, 0.0, 0.0)),
-        orig_labels=orig,
-        landmarks=[],
-        organs=ORGANS,
-        final=final,
     )
+    return EvalVolume(rec, logits, {}, final)
 
 
 def block_labels(shape=(5, 12, 20), seed=0) -> np.ndarray:
@@ -195,7 +203,7 @@ def cache_affine() -> np.ndarray:
 
 def heat_channel(shape, affine, points, sigma_mm=5.0) -> np.ndarray:
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
-    phys = metrics.to_physical(idx, affine)
+    phys = index_to_physical(idx, affine)
     out = np.zeros(len(idx))
     for p in points:
         out = np.maximum(out, np.exp(-np.sum((phys - p) ** 2, axis=1) / (2 * sigma_mm**2)))
@@ -207,33 +215,31 @@ def lm_volume(pred_points: dict[str, np.ndarray], truth: dict[str, np.ndarray], 
     affine = cache_affine()
     ref = np.stack([heat_channel(shape, affine, [truth[n] for n in g if n in truth]) for g in groups])
     pred = np.stack([heat_channel(shape, affine, [pred_points[n] for n in g if n in pred_points]) for g in groups])
-    return EvalVolume(
-        patient="p2",
-        output=np.ascontiguousarray(np.moveaxis(pred, 0, 1)),  # (S, C, H, W)
+    rec = CachedPatient(
+        id="p2",
+        image=np.zeros(shape, np.float32),
         labels=np.zeros(shape, np.uint8),
-        heatmaps=ref,
+        orig_labels=np.zeros(shape, np.uint8),
         index_to_physical=affine,
         geometry=Geometry(size=(28, 24, 12), spacing=(1.25, 1.5, 3.0), origin=(0.0, 0.0, 0.0)),
-        orig_labels=np.zeros(shape, np.uint8),
         landmarks=[Landmark(n, tuple(p)) for n, p in truth.items()],
-        organs=ORGANS,
-        final=final,
+        targets={"landmarks": {"heatmaps": np.ascontiguousarray(np.moveaxis(ref, 0, 1))}},
     )
+    return EvalVolume(rec, np.ascontiguousarray(np.moveaxis(pred, 0, 1)), rec.targets["landmarks"], final)
 
 
 def truth_points():
     aff = cache_affine()
     return {
-        "a": metrics.to_physical([[4.3, 8.2, 7.6]], aff)[0],
-        "b": metrics.to_physical([[7.8, 15.4, 20.3]], aff)[0],
+        "a": index_to_physical([[4.3, 8.2, 7.6]], aff)[0],
+        "b": index_to_physical([[7.8, 15.4, 20.3]], aff)[0],
     }
 
 
 def test_landmarks_evaluate_perfect_two_channels():
     truth = truth_points()
-    task = Landmarks(LandmarkParams(), INFO)
-    task.groups = [["a"], ["b"]]
-    vol = lm_volume(truth, truth, task.groups)
+    task = Landmarks(LandmarkParams(groups=TWO), INFO)
+    vol = lm_volume(truth, truth, TWO)
     res = task.evaluate(vol)
     assert res["rmse"] == 0.0
     assert res["error_mm_a"] < 1.0 and res["error_mm_b"] < 1.0
@@ -249,7 +255,7 @@ def test_landmarks_evaluate_one_channel_and_displaced():
     task = Landmarks(LandmarkParams(), INFO)  # groups None: both landmarks in channel 0
     vol = lm_volume(moved, truth, [["a", "b"]])
     res = task.evaluate(vol)
-    expected_rmse = np.sqrt(np.mean((np.moveaxis(vol.output, 1, 0).astype(np.float64) - vol.heatmaps) ** 2))
+    expected_rmse = np.sqrt(np.mean((vol.output.astype(np.float64) - vol.targets["heatmaps"]) ** 2))
     assert res["rmse"] == pytest.approx(expected_rmse, rel=1e-9)
     assert res["error_mm_a"] < 1.0
     assert res["error_mm_b"] == pytest.approx(6.0, abs=1.0)
@@ -261,9 +267,8 @@ def test_landmarks_outside_the_grid_are_left_out():
     truth = truth_points()
     outside = dict(truth)
     outside["b"] = truth["b"] + np.array([0.0, 0.0, 500.0])
-    task = Landmarks(LandmarkParams(), INFO)
-    task.groups = [["a"], ["b"]]
-    res = task.evaluate(lm_volume({"a": truth["a"]}, outside, task.groups))
+    task = Landmarks(LandmarkParams(groups=TWO), INFO)
+    res = task.evaluate(lm_volume({"a": truth["a"]}, outside, TWO))
     assert math.isnan(res["error_mm_b"])
     assert res["error_mm_a"] < 1.0 and res["detect_2mm"] == 1.0 and res["error_mm_mean"] == res["error_mm_a"]
 
@@ -287,7 +292,7 @@ def test_segmentation_export_writes_the_evaluated_map(tmp_path):
     small = block_labels()
     orig = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)
     vol = seg_volume(orig, np.roll(small, 1, axis=1), final=True)
-    vol.geometry = Geometry(size=(40, 24, 5), spacing=(0.7, 0.9, 2.5), origin=(10.0, -5.0, 3.0),
+    vol.record.geometry = Geometry(size=(40, 24, 5), spacing=(0.7, 0.9, 2.5), origin=(10.0, -5.0, 3.0),
                             direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     (path,) = Segmentation(SegmentationParams(), INFO).export(vol, tmp_path)
     assert path.name == "p1_labels.nii.gz"
@@ -301,9 +306,8 @@ def test_landmarks_export_fcsv(tmp_path):
     from mtlbench.data.landmarks import read_fcsv
 
     truth = truth_points()
-    task = Landmarks(LandmarkParams(), INFO)
-    task.groups = [["a"], ["b"]]
-    vol = lm_volume(truth, {"a": truth["a"]}, task.groups)  # "b" has no ground truth: decoded without reference
+    task = Landmarks(LandmarkParams(groups=TWO), INFO)
+    vol = lm_volume(truth, {"a": truth["a"]}, TWO)  # "b" has no ground truth: decoded without reference
     (path,) = task.export(vol, tmp_path)
     assert path.name == "p2_landmarks.fcsv"
     got = {lm.name: np.asarray(lm.position) for lm in read_fcsv(path)}

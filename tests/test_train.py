@@ -17,8 +17,9 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
-from mtlbench.config import resolve_plugins, validate_config
-from mtlbench.data.cache import build_cache, make_source, open_cache
+from mtlbench.assemble import make_source, resolve_plugins
+from mtlbench.config import validate_config
+from mtlbench.data.cache import build_cache, open_cache
 from mtlbench.data.folds import make_folds
 from mtlbench.engine.predict import predict_trial
 from mtlbench.engine.train import run_trial

@@ -2,7 +2,7 @@
 
 Both methods encode the same landmarks on the same grid:
 
-* box-limited: ``mtlbench.data.preprocess.gaussian_heatmaps`` evaluates
+* box-limited: ``mtlbench.builtin.landmarks.gaussian_heatmaps`` evaluates
   ``exp(-d^2 / (2 sigma^2))`` (d in mm) only in the index box around each
   landmark that holds the ball of radius ``truncate * sigma_mm``;
 * whole volume: per landmark, a unit impulse at the landmark's voxel is blurred
@@ -43,7 +43,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from mtlbench.api import Geometry
-from mtlbench.data.preprocess import gaussian_heatmaps
+from mtlbench.builtin.landmarks import gaussian_heatmaps
 
 TOLERANCE = 1e-4
 

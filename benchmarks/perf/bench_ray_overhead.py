@@ -35,7 +35,8 @@ def main() -> int:
 
     from rich.console import Console
 
-    from mtlbench.config import load_config, resolve_plugins
+    from mtlbench.assemble import resolve_plugins
+    from mtlbench.config import load_config
     from mtlbench.data.cache import build_cache, load_slices, open_cache
     from mtlbench.data.folds import make_folds
     from mtlbench.engine.train import run_trial

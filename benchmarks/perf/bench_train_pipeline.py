@@ -38,11 +38,12 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from mtlbench.config import load_config, resolve_plugins
+    from mtlbench.assemble import resolve_plugins
+    from mtlbench.config import load_config
     from mtlbench.data.cache import build_cache, load_slices, open_cache
     from mtlbench.data.folds import make_folds
     from mtlbench.engine.augment import random_affine
-    from mtlbench.engine.train import _batch, build_components, make_model
+    from mtlbench.engine.train import _batch, build_components, make_model, target_rules, task_batch
     from mtlbench.engine.trialspec import TrialSpec
     from mtlbench.api import StepContext
 
@@ -58,6 +59,11 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
 
+    spec = TrialSpec(fold=0, strategy="joint", params={"weights": {"landmarks": 1.0}})
+    comp = build_components(cfg, spec)
+    rules = target_rules(comp)
+    keys = list(rules)
+
     # data pipeline: cache read + batch gather + augmentation
     t0 = time.perf_counter()
     data = load_slices(cache, train_ids)
@@ -67,8 +73,8 @@ def main() -> int:
     produced = 0
     for _ in range(args.steps):
         idx = rng.choice(n, size=bs, replace=False)
-        b = _batch(data, idx, "cpu")
-        random_affine(b["image"], {"labels": b["labels"], "heatmaps": b["heatmaps"]}, cfg.augment, gen)
+        image, targets = _batch(data, idx, keys, "cpu")
+        random_affine(image, targets, rules, cfg.augment, gen)
         produced += bs
     t_aug = time.perf_counter() - t0
     # reading is done once per trial; charge it to as many slices as one epoch uses
@@ -76,20 +82,18 @@ def main() -> int:
     pipeline_rate = per_epoch / (t_read + t_aug * per_epoch / produced)
 
     # training step on in-memory batches
-    spec = TrialSpec(fold=0, strategy="joint", params={"weights": {"landmarks": 1.0}})
-    comp = build_components(cfg, spec, info)
     model = make_model(cfg, comp)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    batches = [_batch(data, rng.choice(n, size=bs, replace=False), "cpu") for _ in range(3)]
+    batches = [_batch(data, rng.choice(n, size=bs, replace=False), keys, "cpu") for _ in range(3)]
     shared = model.shared_parameters()
     tails = {k: list(v) for k, v in model.task_parameters().items()}
     kinds = {t: comp.tasks[t].kind for t in comp.tasks}
 
     def step(i: int) -> None:
-        b = batches[i % len(batches)]
+        image, targets = batches[i % len(batches)]
         names = comp.strategy.tasks_for_step(i)
-        out = model(b["image"], names)
-        losses = {t: comp.tasks[t].loss(out[t], b[comp.tasks[t].target]) for t in names}
+        out = model(image, names)
+        losses = {t: comp.tasks[t].loss(out[t], task_batch(t, targets)) for t in names}
         opt.zero_grad(set_to_none=True)
         comp.strategy.backward(losses, StepContext(i, 0, shared, tails, kinds))
         opt.step()

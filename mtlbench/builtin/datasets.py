@@ -364,3 +364,34 @@ def register_datasets(register):
     register(ManifestSource)
     register(VisceralSource)
     register(PhantomSource)
+
+
+def data_phantom(out: "Path", patients: int = 20, seed: int = 0) -> None:
+    """Write the synthetic abdominal-CT phantom (NIfTI, .fcsv, manifest.csv) into OUT."""
+    import typer
+    from rich.progress import Progress
+
+    from mtlbench.builtin.phantom import generate_phantom
+
+    with Progress(transient=True) as bar:
+        job = bar.add_task("phantom", total=patients)
+        manifest = generate_phantom(out, patients, seed, progress=lambda i: bar.update(job, completed=i))
+    typer.echo(str(manifest))
+
+
+@hookimpl
+def register_commands(app):
+    """``mtlbench data phantom OUT``: the phantom source's files, without running a benchmark."""
+    import typer
+
+    from mtlbench.cli import data_app
+
+    def phantom(
+        out: Path = typer.Argument(..., help="Folder to create (must not exist or be empty)."),
+        patients: int = typer.Option(20, "--patients", "-n", min=2, help="Number of patients."),
+        seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+    ) -> None:
+        """Write the synthetic abdominal-CT phantom (NIfTI, .fcsv, manifest.csv) into OUT."""
+        data_phantom(out, patients, seed)
+
+    data_app.command("phantom")(phantom)

@@ -92,8 +92,13 @@ def run_experiment(
     address: str | None = None,
     resume: bool = False,
     console: Any = None,
+    local: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) an experiment into ``run_dir``; return the written results."""
+    """Run (or resume) an experiment into ``run_dir``; return the written results.
+
+    ``local`` runs the trials one after another in this process instead of on
+    Ray Tune (same trial code, same files; for tests and debugging).
+    """
     from rich.console import Console
 
     from mtlbench.data.cache import build_cache, load_slices, open_cache
@@ -138,7 +143,10 @@ def run_experiment(
     errors: dict[str, str] = {}
     if pending:
         data = load_slices(cache, list(info.patients))
-        errors = _tune(cfg, run_dir, pending, data, cache, folds, meta, address, console)
+        if local:
+            errors = _local(cfg, run_dir, pending, data, cache, folds, console)
+        else:
+            errors = _tune(cfg, run_dir, pending, data, cache, folds, meta, address, console)
     records = []
     for s in specs:
         rec = done[s.id] or read_record(trial_dir(run_dir, s))
@@ -148,7 +156,23 @@ def run_experiment(
             rec = failed_record(s, cfg, trial_dir(run_dir, s), RuntimeError(errors.get(s.id, "trial produced no result")))
         records.append(rec)
     path = write_results(run_dir, meta, records)
-    return {"path": path, "meta": meta, "trials": records}
+    return {"path": path, "meta": meta, "trials": records, "cache": cache}
+
+
+def _local(
+    cfg: Config, run_dir: Path, pending: list[TrialSpec], data: Any, cache: Path, folds: list[dict[str, Any]], console: Any
+) -> dict[str, str]:
+    """Run ``pending`` sequentially in this process; return {trial id: error} for trials that raised."""
+    from mtlbench.engine.train import run_trial
+
+    errors: dict[str, str] = {}
+    for n, spec in enumerate(pending, start=1):
+        console.print(f"trial {n}/{len(pending)}: {spec.id}")
+        try:
+            run_trial(cfg, spec, cache, folds, trial_dir(run_dir, spec), data=data, cpus=cfg.resources.cpus_per_trial)
+        except Exception as exc:  # recorded as failed, as a Ray trial would be
+            errors[spec.id] = f"{type(exc).__name__}: {_one_line(exc)}"
+    return errors
 
 
 def _tune(

@@ -1,6 +1,7 @@
 """mtlbench plugin: organ-boundary detection as an auxiliary task.
 
-The target is computed from the segmentation labels on the fly: a pixel is on
+The target is derived from the core's segmentation labels per batch, so the
+task declares no cached target of its own: a pixel is on
 the boundary when a (2 * thickness + 1)^2 neighbourhood holds both foreground
 (any organ) and background. Loss: binary cross-entropy with logits (positive
 pixels weighted by ``pos_weight``, since boundaries are rare). Metric: the
@@ -37,18 +38,17 @@ class BoundaryTask(Task):
     name = "boundary"
     description = "organ-boundary detection from the segmentation labels (auxiliary)"
     kind = "classification"
-    target = "labels"
     head = "conv"
     Params = BoundaryParams
 
     def out_channels(self) -> int:
         return 1
 
-    def loss(self, output, target):
+    def loss(self, output, batch):
         import torch
         import torch.nn.functional as F
 
-        edge = boundary_map(target, self.params.thickness).float()
+        edge = boundary_map(batch["labels"], self.params.thickness).float()
         weight = torch.tensor(self.params.pos_weight, device=output.device)
         return F.binary_cross_entropy_with_logits(output[:, 0], edge, pos_weight=weight)
 
