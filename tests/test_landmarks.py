@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mtlbench.api import Geometry, Landmark
+from mtlbench.data.grid import physical_to_index
 from mtlbench.data.landmarks import (
     filter_inside,
     outside_image,
-    physical_to_index,
     read_fcsv,
     read_landmarks,
     read_mrk_json,
@@ -277,7 +277,7 @@ def test_physical_to_index_inverts_index_to_physical(geo: Geometry) -> None:
     rng = np.random.default_rng(1)
     idx = rng.uniform(-3, 25, size=(7, 3))
     phys = (geo.index_to_physical() @ np.c_[idx, np.ones(len(idx))].T).T[:, :3]
-    np.testing.assert_allclose(physical_to_index(phys, geo), idx, atol=1e-9)
+    np.testing.assert_allclose(physical_to_index(phys, geo.index_to_physical()), idx, atol=1e-9)
 
 
 def test_physical_to_index_oblique() -> None:
@@ -285,7 +285,7 @@ def test_physical_to_index_oblique() -> None:
     rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
     geo = Geometry((8, 9, 10), (0.5, 0.8, 2.0), (1.0, -2.0, 3.0), tuple(rot.ravel()))
     point = np.array([[4.0, 1.0, -2.0]])
-    k, j, i = physical_to_index(point, geo)[0]
+    k, j, i = physical_to_index(point, geo.index_to_physical())[0]
     # the same continuous index, computed from the ITK definition p = origin + D diag(spacing) (i, j, k)
     expected = np.linalg.solve(rot * np.array(geo.spacing), point[0] - np.array(geo.origin))
     np.testing.assert_allclose((i, j, k), expected)

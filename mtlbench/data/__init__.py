@@ -1,1 +1,1 @@
-"""Data handling: volume and landmark IO, preprocessing, the slice cache, folds and the phantom."""
+"""Data handling: volume and landmark IO, the cache grid, preprocessing, the slice cache and folds."""

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mtlbench.api import Geometry, Landmark
+from mtlbench.data.grid import physical_to_index
 from mtlbench.errors import DataError
 from mtlbench.fsutil import write_text
 
@@ -245,18 +246,11 @@ def write_mrk_json(path: str | Path, landmarks: list[Landmark], coordinate_syste
 # ----------------------------------------------------------------------------- geometry
 
 
-def physical_to_index(points_lps: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Continuous numpy-order indices (k, j, i) of (N, 3) LPS points: the inverse of ``index_to_physical``."""
-    pts = np.asarray(points_lps, dtype=float).reshape(-1, 3)
-    affine = geometry.index_to_physical()
-    return np.linalg.solve(affine[:3, :3], (pts - affine[:3, 3]).T).T
-
-
 def outside_image(landmarks: list[Landmark], geometry: Geometry) -> list[tuple[Landmark, float]]:
     """Landmarks outside the image's voxel extent ([-0.5, size - 0.5] per axis), with their distance (mm) from it."""
     if not landmarks:
         return []
-    idx = physical_to_index(np.array([lm.position for lm in landmarks]), geometry)
+    idx = physical_to_index(np.array([lm.position for lm in landmarks]), geometry.index_to_physical())
     upper = np.asarray(geometry.size[::-1], dtype=float) - 0.5
     nearest = np.clip(idx, -0.5, upper)
     linear = geometry.index_to_physical()[:3, :3]
