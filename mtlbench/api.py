@@ -13,7 +13,7 @@ types appear only in annotations. docs/plugins.md describes every member.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -248,7 +248,10 @@ class CachedPatient:
     uint8 on the original grid ``geometry``; ``index_to_physical`` maps cache
     indices to LPS mm; ``landmarks`` are the configured ones the patient has;
     ``targets`` maps task label -> target name -> the arrays its
-    ``Task.prepare`` returned.
+    ``Task.prepare`` returned. ``shape`` is the cache grid's (S, H, W); a
+    record read without its arrays (``load_patient(..., arrays=False)``, as
+    ``Task.reference`` receives the training patients) has empty ``image``,
+    ``labels``, ``orig_labels`` and ``targets`` but everything else.
     """
 
     id: str
@@ -260,9 +263,14 @@ class CachedPatient:
     landmarks: list[Landmark] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     targets: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape is None:
+            self.shape = tuple(int(v) for v in np.shape(self.image))  # type: ignore[assignment]
 
     def grid(self) -> CacheGrid:
-        return CacheGrid(tuple(int(v) for v in self.image.shape), self.index_to_physical, self.geometry)  # type: ignore[arg-type]
+        return CacheGrid(tuple(self.shape), self.index_to_physical, self.geometry)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- model
@@ -420,6 +428,17 @@ class Task:
     def pictures(self, volume: EvalVolume, index: int) -> list[Picture]:
         """What the report shows of this task on slice ``index`` of a test patient (optional)."""
         return []
+
+    def reference(self, volume: EvalVolume, train: Sequence[CachedPatient]) -> dict[str, float]:
+        """Metrics of a trivial predictor on this test patient, for the metrics it applies to (optional).
+
+        Called in the final evaluation beside ``evaluate``, so every learned
+        metric can be shown next to what no learning achieves (an all-zero
+        map, the mean training position). ``train`` holds the trial's
+        training patients without their arrays (``shape``, ``geometry``,
+        ``index_to_physical`` and ``landmarks`` only), for data-derived guesses.
+        """
+        return {}
 
 
 class Head:

@@ -154,25 +154,90 @@ def test_organ_and_aux_columns(results, board):
     assert _row(board, "single")["aux"] is None
 
 
-def test_paired_tests_and_holm_match_scipy(results, board):
-    base = _patient_means(results, "single")
+def _unit_means(results, row):
+    """(fold, seed) -> the trial's segmentation/iou_mean, computed from its per-patient values."""
+    return {
+        (t["fold"], t["seed"]): float(np.mean([p["segmentation/iou_mean"] for p in t["per_patient"]]))
+        for t in _trials(results, row)
+    }
+
+
+def corrected_t(d: np.ndarray, ratio: float) -> float:
+    """Two-sided p of the Nadeau-Bengio corrected paired t-test, written out."""
+    n = len(d)
+    t = d.mean() / np.sqrt((1 / n + ratio) * d.var(ddof=1))
+    return float(2 * st.t.sf(abs(t), n - 1))
+
+
+def test_deciding_test_is_over_folds_and_holm_adjusted(results, board):
+    base = _unit_means(results, "single")
     raw = {}
-    for row, label in (("joint1", "joint weights.landmarks=1"), ("joint3", "joint weights.landmarks=3")):
-        mine = _patient_means(results, row)
+    assert board["test"].startswith("corrected paired t-test")
+    for row, label, n in (("joint1", "joint weights.landmarks=1", 4), ("joint3", "joint weights.landmarks=3", 2)):
+        mine = _unit_means(results, row)
         common = sorted(set(mine) & set(base))
-        d = np.array([mine[p] - base[p] for p in common])
+        d = np.array([mine[u] - base[u] for u in common])
         vs = _row(board, label)["vs_baseline"]
-        assert vs["n"] == len(common) == 8
+        assert vs["n"] == len(common) == n and vs["unit"] == "fold x seed"
         assert vs["mean_diff"] == pytest.approx(d.mean())
-        assert vs["p_wilcoxon"] == pytest.approx(st.wilcoxon(d).pvalue)
-        assert vs["p_ttest"] == pytest.approx(st.ttest_rel(d + 0.0, np.zeros_like(d)).pvalue)
-        raw[label] = vs["p_wilcoxon"]
+        assert vs["p"] == pytest.approx(corrected_t(d, 1.0))  # 2 folds: n_test / n_train = 1
+        raw[label] = vs["p"]
     labels = list(raw)
     for label, p in zip(labels, holm([raw[k] for k in labels])):
         assert _row(board, label)["vs_baseline"]["p_holm"] == pytest.approx(p)
     assert _row(board, "joint weights.landmarks=1")["better"] is True
     assert _row(board, "joint weights.landmarks=3")["better"] is False  # worse, whatever its p
     assert _row(board, "single")["vs_baseline"] is None and _row(board, "single")["better"] is None
+
+
+def test_patient_level_wilcoxon_is_kept_for_reference(results, board):
+    base = _patient_means(results, "single")
+    raw = {}
+    for row, label in (("joint1", "joint weights.landmarks=1"), ("joint3", "joint weights.landmarks=3")):
+        mine = _patient_means(results, row)
+        common = sorted(set(mine) & set(base))
+        d = np.array([mine[p] - base[p] for p in common])
+        vs = _row(board, label)["vs_baseline"]["patient_level"]
+        assert vs["n"] == len(common) == 8
+        assert vs["mean_diff"] == pytest.approx(d.mean())
+        assert vs["p_wilcoxon"] == pytest.approx(st.wilcoxon(d).pvalue)
+        assert vs["p_ttest"] == pytest.approx(st.ttest_rel(d + 0.0, np.zeros_like(d)).pvalue)
+        raw[label] = vs["p_wilcoxon"]
+    for label, p in zip(list(raw), holm(list(raw.values()))):
+        assert _row(board, label)["vs_baseline"]["patient_level"]["p_holm"] == pytest.approx(p)
+
+
+def test_clustered_data_patient_test_significant_fold_test_decides_not():
+    """5 folds x 4 patients: every patient of a fold moves with its fold's model.
+
+    Most folds gain, one loses: 16 of 20 patient differences are positive, so a
+    Wilcoxon test over patients calls the row better; over the 5 folds (the
+    independent units) the gain is not significant, and the rule follows the folds.
+    """
+    rng = np.random.default_rng(0)
+    fold_gain = [0.06, 0.05, 0.07, -0.02, 0.04]
+    trials = []
+    for strategy, gains in (("single", [0.0] * 5), ("joint", fold_gain)):
+        for fold, gain in enumerate(gains):
+            per_patient = [
+                {"patient": f"f{fold}p{i}", "segmentation/iou_mean": 0.7 + 0.01 * i + gain + 0.001 * rng.standard_normal()}
+                for i in range(4)
+            ]
+            trials.append({
+                "id": f"{strategy}-{fold}", "fold": fold, "seed": 0, "strategy": strategy, "params": {},
+                "status": "completed", "per_patient": per_patient,
+                "metrics": {"segmentation/iou_mean": float(np.mean([p["segmentation/iou_mean"] for p in per_patient]))},
+                "test_patients": [p["patient"] for p in per_patient], "train_patients": [f"x{j}" for j in range(16)],
+            })
+    results = {"meta": {"main_metric": "segmentation/iou_mean", "baseline": "single", "folds": 5,
+                        "directions": {"segmentation/iou_mean": True}}, "trials": trials}
+    row = _row(build_leaderboard(results), "joint")
+    patients = row["vs_baseline"]["patient_level"]
+    assert patients["n"] == 20 and patients["p_holm"] < 0.01  # the patient-level test is fooled
+    vs = row["vs_baseline"]
+    assert vs["n"] == 5 and vs["p_holm"] > 0.05  # the fold-level test is not
+    assert vs["p"] == pytest.approx(corrected_t(np.array(fold_gain) + 0.0, 4 / 16), abs=0.02)
+    assert row["better"] is False
 
 
 def test_compare_to_uses_first_param_point_of_the_target(results):
@@ -182,7 +247,9 @@ def test_compare_to_uses_first_param_point_of_the_target(results):
     r = _row(board, "joint weights.landmarks=3")
     assert r["compare_to"] == "joint weights.landmarks=1"
     a, b = _patient_means(results, "joint3"), _patient_means(results, "joint1")
-    assert r["vs_baseline"]["mean_diff"] == pytest.approx(np.mean([a[p] - b[p] for p in sorted(a)]))
+    assert r["vs_baseline"]["patient_level"]["mean_diff"] == pytest.approx(np.mean([a[p] - b[p] for p in sorted(a)]))
+    ua, ub = _unit_means(results, "joint3"), _unit_means(results, "joint1")
+    assert r["vs_baseline"]["mean_diff"] == pytest.approx(np.mean([ua[u] - ub[u] for u in sorted(ua)]))
     # the target row itself compares to the experiment baseline
     assert _row(board, "joint weights.landmarks=1")["compare_to"] == "single"
 

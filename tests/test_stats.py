@@ -76,3 +76,17 @@ def test_holm_hand_values():
     assert math.isnan(out[1])
     assert [out[0], out[2], out[3]] == pytest.approx([0.03, 0.06, 0.06])
     assert holm([]) == []
+
+
+def test_corrected_paired_t_against_its_formula():
+    from mtlbench.report.stats import corrected_paired_t
+
+    d = np.array([0.03, 0.01, 0.05, -0.01, 0.02])
+    plain = corrected_paired_t(d, 0.0)
+    assert plain["p"] == pytest.approx(st.ttest_1samp(d, 0.0).pvalue)  # no correction: the paired t-test
+    r = corrected_paired_t(d, 0.25)
+    se = np.sqrt((1 / 5 + 0.25) * d.var(ddof=1))
+    assert r["p"] == pytest.approx(2 * st.t.sf(d.mean() / se, 4))
+    assert r["ci_low"] == pytest.approx(d.mean() - st.t.ppf(0.975, 4) * se)
+    assert r["p"] > plain["p"] and r["n"] == 5 and r["mean_diff"] == pytest.approx(d.mean())
+    assert math.isnan(corrected_paired_t([0.1], 0.25)["p"]) and math.isnan(corrected_paired_t([0, 0, 0], 0.2)["p"])

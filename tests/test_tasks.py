@@ -313,3 +313,32 @@ def test_landmarks_export_fcsv(tmp_path):
     got = {lm.name: np.asarray(lm.position) for lm in read_fcsv(path)}
     assert set(got) == {"a", "b"}
     assert np.linalg.norm(got["a"] - truth["a"]) < 1.0 and np.linalg.norm(got["b"] - truth["b"]) < 1.0
+
+
+def test_landmarks_reference_is_the_zero_map_and_the_mean_training_position():
+    truth = truth_points()
+    task = Landmarks(LandmarkParams(groups=TWO), INFO)
+    vol = lm_volume(truth, truth, TWO)
+    aff = cache_affine()
+    shape = (12, 24, 28)
+
+    def train_patient(pid, idx_a, idx_b, slices):
+        a = index_to_physical([idx_a], aff)[0]
+        b = index_to_physical([idx_b], aff)[0]
+        return CachedPatient(pid, np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), np.uint8),
+                             np.zeros((0, 0, 0), np.uint8), aff, vol.geometry,
+                             [Landmark("a", tuple(a)), Landmark("b", tuple(b))], shape=(slices, 24, 28))
+
+    # slice positions as a fraction of each patient's slice range: 0.25 and 0.75 of 11 -> a at slice 5.5
+    train = [train_patient("t1", [2.75, 6.0, 6.0], [7.0, 14.0, 20.0], 12),
+             train_patient("t2", [8.25, 10.0, 10.0], [9.0, 16.0, 22.0], 12)]
+    ref = task.reference(vol, train)
+    heat = vol.targets["heatmaps"].astype(np.float64)
+    assert ref["rmse"] == pytest.approx(np.sqrt(np.mean(heat**2)))  # the all-zero map
+    guess_a = index_to_physical([[5.5, 8.0, 8.0]], aff)[0]
+    assert ref["error_mm_a"] == pytest.approx(np.linalg.norm(guess_a - truth["a"]))
+    guess_b = index_to_physical([[8.0, 15.0, 21.0]], aff)[0]
+    assert ref["error_mm_b"] == pytest.approx(np.linalg.norm(guess_b - truth["b"]))
+    assert ref["error_mm_mean"] == pytest.approx((ref["error_mm_a"] + ref["error_mm_b"]) / 2)
+    assert set(ref) == set(task.metrics())
+    assert shape == tuple(vol.record.shape)

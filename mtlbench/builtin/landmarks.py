@@ -449,6 +449,48 @@ class Landmarks(Task):
             )
         ]
 
+    def reference(self, volume: EvalVolume, train) -> dict[str, float]:
+        """What no learning achieves on this patient: ``rmse`` of the all-zero map; the localisation
+        metrics of the mean training position.
+
+        The mean training position of a landmark is the mean over the training
+        patients of its cache index with the slice as a fraction of the
+        patient's slice range (rows and columns are on the same H x W grid for
+        every patient), placed on this patient's grid and mapped to LPS.
+        """
+        ref = np.asarray(volume.targets["heatmaps"])
+        out = {"rmse": heatmap_rmse(np.zeros_like(ref), ref)}
+        guess = self._mean_position(volume, train)
+        reference = self._reference(volume, tuple(volume.record.shape))
+        errors = {n: float(np.linalg.norm(guess[n] - pos)) if n in guess else float("nan") for n, pos in reference.items()}
+        out.update(self._summary(errors))
+        return out
+
+    def _mean_position(self, volume: EvalVolume, train) -> dict[str, np.ndarray]:
+        rel: dict[str, list[np.ndarray]] = {}
+        for rec in train:
+            s = max(1, int(rec.shape[0]) - 1)
+            for lm in rec.landmarks:
+                idx = physical_to_index(lm.position, rec.index_to_physical)[0]
+                rel.setdefault(lm.name, []).append(np.array([idx[0] / s, idx[1], idx[2]]))
+        s = max(1, int(volume.record.shape[0]) - 1)
+        out = {}
+        for name, values in rel.items():
+            m = np.mean(values, axis=0)
+            out[name] = index_to_physical_points([[m[0] * s, m[1], m[2]]], volume.index_to_physical)[0]
+        return out
+
+    def _summary(self, errors: dict[str, float]) -> dict[str, float]:
+        out = {f"error_mm_{name}": errors.get(name, float("nan")) for name in self.info.landmarks}
+        values = list(errors.values())
+        out["error_mm_mean"] = _nanmean(values)
+        for r in DETECT_RADII_MM:
+            # a NaN error (no peak found) counts as a miss
+            out[f"detect_{r}mm"] = (
+                float(np.mean([not math.isnan(e) and e <= r for e in values])) if values else float("nan")
+            )
+        return out
+
     def _channels_first(self, volume: EvalVolume) -> np.ndarray:
         """The output as (C, S, H, W), the layout the decoding works in."""
         output = np.asarray(volume.output)
@@ -472,15 +514,7 @@ class Landmarks(Task):
             name: float(np.linalg.norm(found[name] - pos)) if name in found else float("nan")
             for name, pos in reference.items()
         }
-        out = {f"error_mm_{name}": errors.get(name, float("nan")) for name in self.info.landmarks}
-        values = list(errors.values())
-        out["error_mm_mean"] = _nanmean(values)
-        for r in DETECT_RADII_MM:
-            # a NaN error (no peak found) counts as a miss
-            out[f"detect_{r}mm"] = (
-                float(np.mean([not math.isnan(e) and e <= r for e in values])) if values else float("nan")
-            )
-        return out
+        return self._summary(errors)
 
 
 def _inside(position, affine: np.ndarray, shape: tuple[int, ...]) -> bool:

@@ -473,21 +473,27 @@ def _dataset(grp: Any, path: str | Path, label: str, name: str) -> Any:
     return node
 
 
-def load_patient(path: str | Path, pid: str) -> CachedPatient:
-    """Everything the cache holds about patient ``pid`` (DataError if unknown)."""
+def load_patient(path: str | Path, pid: str, arrays: bool = True) -> CachedPatient:
+    """Everything the cache holds about patient ``pid`` (DataError if unknown).
+
+    ``arrays=False`` reads only the metadata (grid, geometry, landmarks): the
+    image, label maps and targets come back empty.
+    """
     with _open_complete(path) as f:
         grp = _patient_group(f, path, pid)
         names = json.loads(grp.attrs["landmark_names"])
         positions = np.asarray(grp.attrs["landmark_positions"], dtype=np.float64).reshape(-1, 3)
         targets: dict[str, dict[str, np.ndarray]] = {}
-        if TARGETS in grp:
+        if arrays and TARGETS in grp:
             for label, tgrp in grp[TARGETS].items():
                 targets[label] = {name: ds[...] for name, ds in tgrp.items()}
+        empty = np.zeros((0, 0, 0), dtype=np.float32)
         return CachedPatient(
             id=pid,
-            image=grp["image"][...],
-            labels=grp["labels"][...],
-            orig_labels=grp["orig_labels"][...],
+            shape=tuple(int(v) for v in grp["image"].shape),  # type: ignore[arg-type]
+            image=grp["image"][...] if arrays else empty,
+            labels=grp["labels"][...] if arrays else empty.astype(np.uint8),
+            orig_labels=grp["orig_labels"][...] if arrays else empty.astype(np.uint8),
             index_to_physical=np.asarray(grp.attrs["index_to_physical"], dtype=np.float64),
             geometry=Geometry.from_dict(json.loads(grp.attrs["geometry"])),
             landmarks=[Landmark(n, tuple(float(v) for v in pos)) for n, pos in zip(names, positions)],

@@ -120,25 +120,45 @@ def evaluate(
     records: list[CachedPatient],
     device: str,
     final: bool,
+    train: list[CachedPatient] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
-    """Metrics of every test patient and their means (NaN-aware); also returns the raw outputs."""
+    """Metrics of every test patient and their means (NaN-aware); also returns the raw outputs.
+
+    With ``train`` (the training patients without arrays) each row also gets
+    ``reference``: the tasks' trivial-predictor metrics (``Task.reference``),
+    and the means get a ``reference`` dict of their means.
+    """
     per_patient: list[dict[str, Any]] = []
     outputs: dict[str, dict[str, np.ndarray]] = {}
     for rec in records:
         out = predict_volume(model, rec.image, device)
         outputs[rec.id] = out
         row: dict[str, Any] = {"patient": rec.id}
+        ref: dict[str, float] = {}
         for task in comp.model_tasks:
             vol = eval_volume(rec, task, out[task], final)
             for key, value in comp.tasks[task].evaluate(vol).items():
                 row[f"{task}/{key}"] = float(value)
+            if train is not None:
+                for key, value in (comp.tasks[task].reference(vol, train) or {}).items():
+                    ref[f"{task}/{key}"] = float(value)
+        if ref:
+            row["reference"] = ref
         per_patient.append(row)
-    keys = sorted({k for r in per_patient for k in r if k != "patient"})
+    means: dict[str, Any] = _nanmeans(per_patient)
+    refs = _nanmeans([r["reference"] for r in per_patient if "reference" in r])
+    if refs:
+        means["reference"] = refs
+    return means, per_patient, outputs
+
+
+def _nanmeans(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, float)})
     means = {}
     for k in keys:
-        vals = np.array([r.get(k, np.nan) for r in per_patient], dtype=float)
+        vals = np.array([r.get(k, np.nan) for r in rows], dtype=float)
         means[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-    return means, per_patient, outputs
+    return means
 
 
 def example_arrays(rec: CachedPatient, outputs: dict[str, np.ndarray], comp: Components) -> dict[str, Any]:
@@ -305,7 +325,9 @@ def run_trial(
             history.append(entry)
             if on_epoch is not None:
                 on_epoch(entry)
-        metrics, per_patient, outputs = evaluate(model, comp, records, device, final=True)
+        train_records = [load_patient(cache_path, p, arrays=False) for p in fold["train"]]
+        metrics, per_patient, outputs = evaluate(model, comp, records, device, final=True, train=train_records)
+        reference = metrics.pop("reference", {})
         if records:
             with atomic_path(out_dir / EXAMPLE, suffix=".npz") as tmp:
                 with open(tmp, "wb") as f:
@@ -314,11 +336,12 @@ def run_trial(
             torch.save({"model": model.state_dict(), "strategy": strategy.state_dict()}, tmp)
     except Diverged as exc:
         status, error = "diverged", str(exc)
-        metrics, per_patient = {}, []
+        metrics, per_patient, reference = {}, [], {}
     record.update(
         status=status,
         error=error,
         metrics=metrics,
+        reference=reference,
         per_patient=per_patient,
         history=history,
         wall_time_s=time.time() - t0,

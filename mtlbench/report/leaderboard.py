@@ -12,12 +12,14 @@ import numpy as np
 
 from mtlbench.engine.trialspec import flatten_params
 from mtlbench.errors import ConfigError, DataError
-from mtlbench.report.stats import describe, holm, paired_test
+from mtlbench.report.stats import corrected_paired_t, describe, holm, paired_test
 
 ALPHA = 0.05
+TEST = "corrected paired t-test over cross-validation folds (Nadeau & Bengio)"
 RULE = (
     "better: mean difference to the baseline in the metric's good direction with Holm-adjusted two-sided "
-    "Wilcoxon signed-rank p < 0.05 over test patients (each patient is in exactly one test fold)"
+    "corrected paired t-test p < 0.05 over folds (n = folds x seeds; a fold's test patients share one model, "
+    "so the fold is the unit; the patient-level Wilcoxon test is shown for reference only)"
 )
 STATUSES = ("completed", "failed", "diverged")
 _LOWER_IS_BETTER_PREFIXES = ("rmse", "hd", "error", "loss", "mse", "mae", "asd", "assd")
@@ -181,11 +183,14 @@ def _num(value: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-def fold_values(trials: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """Per fold: the metric averaged over that fold's trials (seeds) that report it; sorted by fold."""
+def fold_values(trials: list[dict[str, Any]], key: str, section: str = "metrics") -> list[dict[str, Any]]:
+    """Per fold: the metric averaged over that fold's trials (seeds) that report it; sorted by fold.
+
+    ``section="reference"`` reads the trials' trivial-reference values instead.
+    """
     per_fold: dict[Any, list[float]] = {}
     for trial in trials:
-        v = _num((trial.get("metrics") or {}).get(key))
+        v = _num((trial.get(section) or {}).get(key))
         if not math.isnan(v):
             per_fold.setdefault(trial.get("fold"), []).append(v)
     return [
@@ -216,6 +221,53 @@ def compare_patients(row: RowGroup, base: RowGroup, key: str) -> dict[str, Any]:
     return result
 
 
+def unit_values(trials: list[dict[str, Any]], key: str) -> dict[tuple[Any, ...], float]:
+    """Per (fold, seed): the trial's metric (its mean over the fold's test patients)."""
+    out: dict[tuple[Any, ...], float] = {}
+    for trial in trials:
+        v = _num((trial.get("metrics") or {}).get(key))
+        if not math.isnan(v):
+            out[(trial.get("fold"), trial.get("seed"))] = v
+    return out
+
+
+def _fold_means(units: dict[tuple[Any, ...], float]) -> dict[tuple[Any, ...], float]:
+    per_fold: dict[Any, list[float]] = {}
+    for (fold, _), v in units.items():
+        per_fold.setdefault(fold, []).append(v)
+    return {(fold,): float(np.mean(v)) for fold, v in per_fold.items()}
+
+
+def holdout_ratio(trials: list[dict[str, Any]], folds: int | None) -> float:
+    """n_test / n_train of the trials' folds (their patient lists), else 1 / (k - 1) for k folds (``folds``, or those seen)."""
+    ratios = [
+        len(t["test_patients"]) / len(t["train_patients"])
+        for t in trials
+        if t.get("test_patients") and t.get("train_patients")
+    ]
+    if ratios:
+        return float(np.mean(ratios))
+    k = folds or len({t.get("fold") for t in trials})
+    return 1.0 / (k - 1) if k > 1 else 0.0
+
+
+def compare_units(row: RowGroup, base: RowGroup, key: str, folds: int | None = None) -> dict[str, Any]:
+    """The deciding test of ``row`` minus ``base``: one paired value per (fold, seed) both have.
+
+    When the two rows share no (fold, seed), each fold's seeds are averaged and
+    folds are paired instead. The test is :func:`corrected_paired_t`.
+    """
+    a, b = unit_values(row.completed, key), unit_values(base.completed, key)
+    unit = "fold x seed"
+    common = sorted(set(a) & set(b), key=str)
+    if not common:
+        a, b, unit = _fold_means(a), _fold_means(b), "fold"
+        common = sorted(set(a) & set(b), key=str)
+    result = corrected_paired_t([a[u] - b[u] for u in common], holdout_ratio(row.completed + base.completed, folds))
+    result.update(test=TEST, unit=unit)
+    return result
+
+
 # ----------------------------------------------------------------------------- the board
 
 
@@ -242,15 +294,19 @@ def build_leaderboard(results: dict[str, Any], metric: str | None = None) -> dic
         row["is_baseline"] = g is base_row
         row["compare_to"] = target.label if target is not None and target is not g else None
         if target is not None and target is not g:
-            vs = compare_patients(g, target, metric)
-            vs.pop("patients")
+            vs = compare_units(g, target, metric, meta.get("folds"))
+            patients = compare_patients(g, target, metric)
+            patients.pop("patients")
+            vs["patient_level"] = patients
             row["vs_baseline"] = vs
         else:
             row["vs_baseline"] = None
 
     compared = [r for r in rows if r["vs_baseline"] is not None]
-    for r, p in zip(compared, holm([r["vs_baseline"]["p_wilcoxon"] for r in compared])):
+    for r, p in zip(compared, holm([r["vs_baseline"]["p"] for r in compared])):
         r["vs_baseline"]["p_holm"] = p
+    for r, p in zip(compared, holm([r["vs_baseline"]["patient_level"]["p_wilcoxon"] for r in compared])):
+        r["vs_baseline"]["patient_level"]["p_holm"] = p
     for r in rows:
         vs = r["vs_baseline"]
         if vs is None or vs["n"] == 0:
@@ -274,6 +330,7 @@ def build_leaderboard(results: dict[str, Any], metric: str | None = None) -> dic
         "higher_is_better": higher,
         "baseline": baseline,
         "alpha": ALPHA,
+        "test": TEST,
         "rule": RULE,
         "organ_metrics": organ_keys,
         "aux_metric": aux_key,
@@ -291,7 +348,12 @@ def _row(g: RowGroup, metric: str, organ_keys: dict[str, str], aux_key: str | No
     if aux_key is not None:
         a = describe([f["value"] for f in fold_values(done, aux_key)])
         if a["n"]:
-            aux = {"metric": aux_key, "mean": a["mean"], "std": a["std"], "higher_is_better": higher_is_better(meta, aux_key)}
+            ref = describe([f["value"] for f in fold_values(done, aux_key, "reference")])
+            ratio = a["mean"] / ref["mean"] if ref["n"] and ref["mean"] not in (0.0,) else math.nan
+            aux = {
+                "metric": aux_key, "mean": a["mean"], "std": a["std"], "higher_is_better": higher_is_better(meta, aux_key),
+                "reference": ref["mean"] if ref["n"] else None, "ratio_to_reference": ratio,
+            }
     return {
         "rank": None,
         "strategy": g.strategy,
@@ -355,16 +417,28 @@ def fmt_ci(row: dict[str, Any], digits: int = 4) -> str:
 
 
 def fmt_aux(row: dict[str, Any], digits: int = 4) -> str:
+    """The auxiliary metric, mean ± std, and its ratio to the trivial reference (x1.00 = no better than it)."""
     aux = row.get("aux")
     if not aux:
         return "—"
-    return fmt_num(aux["mean"], digits) + ("" if aux.get("std") is None else f" ± {aux['std']:.{digits}f}")
+    text = fmt_num(aux["mean"], digits) + ("" if aux.get("std") is None else f" ± {aux['std']:.{digits}f}")
+    if aux.get("ratio_to_reference") is not None:
+        text += f" (×{aux['ratio_to_reference']:.2f} ref)"
+    return text
 
 
 def fmt_delta(row: dict[str, Any], digits: int = 4) -> str:
     if row.get("is_baseline"):
         return "(baseline)"
     vs = row.get("vs_baseline")
+    if not vs or vs.get("mean_diff") is None:
+        return "—"
+    return f"{vs['mean_diff']:+.{digits}f} (p={fmt_p(vs.get('p_holm'))}, n={vs['n']})"
+
+
+def fmt_patient_delta(row: dict[str, Any], digits: int = 4) -> str:
+    """The patient-level Wilcoxon comparison (for reference; it does not decide)."""
+    vs = (row.get("vs_baseline") or {}).get("patient_level")
     if not vs or vs.get("mean_diff") is None:
         return "—"
     return f"{vs['mean_diff']:+.{digits}f} (p={fmt_p(vs.get('p_holm'))}, n={vs['n']})"
@@ -394,8 +468,8 @@ def render_leaderboard(board: dict[str, Any], console: Any = None) -> Any:
     for organ in board["organ_metrics"]:
         table.add_column(organ, justify="right")
     if board.get("aux_metric"):
-        table.add_column(board["aux_metric"], justify="right")
-    table.add_column("Δ vs baseline (p Holm)", justify="right")
+        table.add_column(f"{board['aux_metric']} (× trivial ref)", justify="right")
+    table.add_column("Δ vs baseline (p Holm, n folds)", justify="right")
     table.add_column("ok/failed/diverged", justify="right", no_wrap=True)
     for row in board["rows"]:
         cells = [

@@ -13,6 +13,7 @@ from mtlbench.report.leaderboard import (
     fmt_ci,
     fmt_counts,
     fmt_delta,
+    fmt_patient_delta,
     fmt_mean_std,
     fmt_num,
     load_results,
@@ -30,15 +31,27 @@ STATISTICS_TEXT = """\
   the t-interval mean ± t(0.975, n_folds − 1) · std / √n_folds. Per-organ columns and the auxiliary
   metric are averaged the same way.
 - **Δ vs baseline.** The row's comparison target is its `compare_to` strategy or, if none, the
-  experiment's baseline (the first parameter point of that strategy). For every test patient the metric
-  is averaged over the row's completed trials (seeds) that tested the patient, and the same for the
-  target; the pairs are the patients present in both. Δ is the mean of the paired differences (row
-  minus target), `n` the number of patients. Each patient is in exactly one test fold, so the pairs are
-  independent patients, not folds.
-- **Tests.** Two-sided Wilcoxon signed-rank test on the paired differences (zero differences dropped;
-  no p-value when fewer than two pairs or all differences are zero), Holm–Bonferroni adjusted over all
-  rows that are compared. The paired t-test p-value (`p_ttest`) is kept in the JSON form of the leaderboard for
-  reference only; the rule uses the Wilcoxon test because per-patient IoU differences are rarely normal.
+  experiment's baseline (the first parameter point of that strategy). The unit of comparison is the
+  cross-validation trial: for every (fold, seed) both rows have, the trial's metric (its mean over the
+  fold's test patients) of the row minus that of the target. The patients of one fold share one model,
+  so they are not independent samples; the fold is. Δ is the mean of these paired differences and `n`
+  their number (folds × seeds; when the rows share no seed, each fold's seeds are averaged and `n` is
+  the number of folds).
+- **The deciding test.** The corrected resampled paired t-test (Nadeau & Bengio 2003; Bouckaert &
+  Frank 2004): t = Δ / sqrt((1/n + n_test/n_train) · s²) with n − 1 degrees of freedom, where s² is the
+  variance of the paired differences and n_test/n_train the ratio of test to training patients of a
+  fold. The correction accounts for the folds' overlapping training sets, which make their results
+  correlated; without it the plain t-test is too confident. Two-sided, Holm–Bonferroni adjusted over all
+  rows that are compared; "better" needs p_holm < 0.05 and Δ in the metric's good direction.
+- **Auxiliary metric and its trivial reference.** Each task says what no learning achieves on the same
+  test patients (`Task.reference`: for the landmarks task's heatmap RMSE the all-zero map, for its
+  localisation the mean training position). The auxiliary column shows the learned value and its ratio
+  to that reference (×1.00: no better than the trivial predictor; below 1 is better for an error). Do
+  not read anything into an auxiliary task whose ratio is near 1: it was not learned.
+- **Patient level, for reference.** The Wilcoxon signed-rank test over test patients (each patient's
+  metric averaged over seeds, paired with the target's) is shown in its own column and in the JSON
+  (`vs_baseline.patient_level`), Holm-adjusted the same way. It treats patients of one fold as
+  independent, so it overstates significance; it does not decide.
 - **Caveat.** With a handful of test patients the tests have little power: "not better" is not
   "equal". Look at the CI of the fold means and the per-patient Δ together.
 """
@@ -61,21 +74,22 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
     organs = list(board["organ_metrics"])
     header = ["#", "strategy", f"{board['metric']} mean ± std ({arrow})", "95% CI", *organs]
     if board.get("aux_metric"):
-        header.append(board["aux_metric"])
-    header += ["Δ vs baseline (p Holm)", "better", "ok/failed/diverged"]
+        header += [board["aux_metric"], "trivial reference"]
+    header += ["Δ vs baseline (p Holm, n folds)", "better", "patients: Δ (Wilcoxon p Holm, n)", "ok/failed/diverged"]
     rows = []
     for row in board["rows"]:
         label = display_label(row)
         cells = ["" if row["rank"] is None else row["rank"], f"**{label}**" if row.get("is_baseline") else label]
         cells += [fmt_mean_std(row), fmt_ci(row), *[fmt_num(row["organs"].get(o)) for o in organs]]
         if board.get("aux_metric"):
-            cells.append(fmt_aux(row))
+            aux = row.get("aux") or {}
+            cells += [fmt_aux(row), fmt_num(aux.get("reference"))]
         better = {True: "yes", False: "no", None: ""}[row.get("better")]
-        cells += [fmt_delta(row), better, fmt_counts(row)]
+        cells += [fmt_delta(row), better, fmt_patient_delta(row), fmt_counts(row)]
         rows.append(cells)
     align = ["--:", ":--", "--:", "--:", *["--:"] * len(organs)]
-    align += ["--:"] if board.get("aux_metric") else []
-    align += ["--:", ":-:", "--:"]
+    align += ["--:", "--:"] if board.get("aux_metric") else []
+    align += ["--:", ":-:", "--:", "--:"]
     return _table(header, rows, align) + f"\n\n*Rule* — {board['rule']}. Baseline: `{board.get('baseline')}`.\n"
 
 

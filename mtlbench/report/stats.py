@@ -77,3 +77,35 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         scaled = p[order] * (m - np.arange(m))
         out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
     return [float(v) for v in out]
+
+
+def corrected_paired_t(differences: Sequence[float], test_train_ratio: float, confidence: float = 0.95) -> dict[str, float]:
+    """Paired t-test of cross-validation units, corrected for their overlapping training sets.
+
+    ``differences`` holds one value per (fold, seed) unit: the row's metric
+    minus the target's, each averaged over that fold's test patients (which
+    share one model, so they are one unit, not independent samples). Folds
+    share most of their training patients, so the units are positively
+    correlated; the corrected resampled t-test (Nadeau & Bengio 2003, in the
+    k-fold form of Bouckaert & Frank 2004) widens the variance of the mean
+    from s^2 / J to (1 / J + n_test / n_train) s^2 for J units, with J - 1
+    degrees of freedom. ``test_train_ratio`` is n_test / n_train (0 gives the
+    plain paired t-test). Returns ``n`` (units), ``mean_diff``, ``ci_low``,
+    ``ci_high`` (the corrected t-interval) and the two-sided ``p``; NaN when
+    n < 2, and p = NaN when every difference is zero.
+    """
+    d = _finite(differences)
+    n = int(d.size)
+    mean = float(d.mean()) if n else NAN
+    out = {"n": n, "mean_diff": mean, "ci_low": NAN, "ci_high": NAN, "p": NAN}
+    if n < 2:
+        return out
+    var = float(d.var(ddof=1))
+    se = math.sqrt((1.0 / n + max(0.0, float(test_train_ratio))) * var)
+    tq = float(_st.t.ppf(0.5 + confidence / 2.0, n - 1))
+    out["ci_low"], out["ci_high"] = mean - tq * se, mean + tq * se
+    if se > 0:
+        out["p"] = float(2.0 * _st.t.sf(abs(mean) / se, n - 1))
+    elif mean != 0:
+        out["p"] = 0.0
+    return out
