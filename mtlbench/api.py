@@ -482,7 +482,8 @@ class Strategy:
     (weights used, which task, learned values) as floats / strings.
     The trainer then steps the optimizer. Parameters returned by
     ``parameters`` (e.g. learned log-variances) join the optimizer in their
-    own group without weight decay; ``state_dict`` / ``load_state_dict`` carry
+    own group without weight decay (it may also return param-group dicts,
+    ``{"params": [...], "lr": 0.05}``, for their own learning rate); ``state_dict`` / ``load_state_dict`` carry
     any other state across checkpoints.
     """
 
@@ -503,7 +504,7 @@ class Strategy:
         """The tasks whose loss is computed this step (default: all model tasks)."""
         return self.model_tasks()
 
-    def parameters(self) -> list["torch.nn.Parameter"]:
+    def parameters(self) -> list[Any]:
         return []
 
     def backward(self, losses: dict[str, "torch.Tensor"], ctx: StepContext) -> dict[str, Any]:

@@ -94,6 +94,7 @@ class TrainConfig(Section):
     slices_per_epoch: PositiveInt | None = None
     foreground_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     eval_every: PositiveInt = 1
+    grad_norm_every: Annotated[int, Field(ge=0)] = 25
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -102,6 +103,7 @@ class AugmentConfig(Section):
     rotation_deg: tuple[float, float] = (-10.0, 10.0)
     scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.9, 1.1)
     translation: tuple[float, float] = (0.0, 0.0)
+    image_interpolation: Literal["bilinear", "nearest"] = "bilinear"
 
 
 class TaskEntry(Section):

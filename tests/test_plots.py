@@ -83,7 +83,9 @@ def make_run(root: Path) -> Path:
                 {
                     "epoch": e,
                     "lr": 1e-4,
-                    "train": {"loss/segmentation": 1.0 / (e + 1), **({"loss/landmarks": 0.1 / (e + 1)} if strategy == "joint" else {})},
+                    "train": {"loss/segmentation": 1.0 / (e + 1), "grad_norm/segmentation": 2.0 / (e + 1),
+                              **({"loss/landmarks": 0.1 / (e + 1), "grad_norm/landmarks": 0.02 * (e + 1),
+                                  "lambda/landmarks": float(params["weights"]["landmarks"])} if strategy == "joint" else {})},
                     "metrics": {"segmentation/iou_mean": metrics["segmentation/iou_mean"] * (e + 1) / 3},
                     "time_s": 1.0,
                 }
@@ -127,7 +129,7 @@ def test_make_plots_writes_readable_pngs(tmp_path):
     names = sorted(p.name for p in paths)
     assert names == sorted(
         [f"curves_0{i}_{s}.png" for i, s in ((1, "single"), (2, "joint_weights.landmarks-1"), (3, "joint_weights.landmarks-3"))]
-        + ["lambda_sweep.png"]
+        + ["lambda_sweep.png", "grad_norms.png"]
         + [f"overlay_0{i}_{s}.png" for i, s in ((1, "single"), (2, "joint_weights.landmarks-1"), (3, "joint_weights.landmarks-3"))]
     )
     for p in paths:
@@ -176,7 +178,7 @@ def test_write_report_embeds_plots(tmp_path):
     assert path == run / "report.md"
     text = path.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 7
+    assert len(links) == 8  # curves x 3, sweep, gradient norms, overlays x 3 (fixed lambdas: no weights plot)
     for link in links:
         assert not Path(link).is_absolute() and link.startswith("plots/")
         _readable_png(run / link)

@@ -220,7 +220,9 @@ def test_uncertainty_closed_form():
     losses = task_losses(model, batch, TASKS)
     l = {t: float(v.detach()) for t, v in losses.items()}
     C = {"segmentation": 1.0, "landmarks": 0.5}
-    expected_obj = sum(C[t] * math.exp(-s_values[t]) * l[t] + s_values[t] / 2 for t in TASKS)
+    # the regression task's loss is an RMSE: the Gaussian likelihood is written on its square
+    e = {"segmentation": l["segmentation"], "landmarks": l["landmarks"] ** 2}
+    expected_obj = sum(C[t] * math.exp(-s_values[t]) * e[t] + s_values[t] / 2 for t in TASKS)
     assert float(strat.objective(losses, KINDS).detach()) == pytest.approx(expected_obj, rel=1e-6)
 
     log = strat.backward(losses, make_ctx(model))
@@ -229,11 +231,15 @@ def test_uncertainty_closed_form():
         assert log[f"s/{t}"] == pytest.approx(s)
         assert log[f"sigma/{t}"] == pytest.approx(math.exp(s / 2))
         assert log[f"weight/{t}"] == pytest.approx(C[t] * math.exp(-s))
-        assert strat.log_variances[t].grad.item() == pytest.approx(C[t] * -math.exp(-s) * l[t] + 0.5, rel=1e-5)
+        assert strat.log_variances[t].grad.item() == pytest.approx(C[t] * -math.exp(-s) * e[t] + 0.5, rel=1e-5)
 
     seg, _ = independent_grads(model, batch, "segmentation")
     lm, lm_tail = independent_grads(model, batch, "landmarks")
-    w = {t: C[t] * math.exp(-s_values[t]) for t in TASKS}
+    # d/dtheta of C exp(-s) l^2 = (2 C exp(-s) l) dl/dtheta: the effective lambda of the landmark loss
+    w = {"segmentation": math.exp(-s_values["segmentation"]),
+         "landmarks": 2 * C["landmarks"] * math.exp(-s_values["landmarks"]) * l["landmarks"]}
+    assert log["lambda/landmarks"] == pytest.approx(w["landmarks"], rel=1e-5)
+    assert log["lambda/segmentation"] == pytest.approx(w["segmentation"], rel=1e-5)
     torch.testing.assert_close(
         flat(grads_of(model.trunk.parameters())), w["segmentation"] * flat(seg) + w["landmarks"] * flat(lm)
     )
@@ -260,6 +266,24 @@ def test_uncertainty_learns_and_state_round_trips():
         assert torch.equal(other.log_variances[t], strat.log_variances[t])
     with pytest.raises(ConfigError, match="checkpoint has log-variances"):
         strategy("uncertainty", tasks=["segmentation"]).load_state_dict(state)
+
+
+def test_uncertainty_reaches_its_stationary_point_with_its_own_learning_rate():
+    """With fixed losses, s_t settles where the objective's derivative vanishes:
+    exp(s) = l^2 (RMSE read as MSE), = l ("mse"), = 2 l (classification)."""
+    losses = {"segmentation": torch.tensor(0.3), "landmarks": torch.tensor(0.01)}  # an RMSE of 0.01: MSE 1e-4
+    for mode, expect_lm in (("rmse", math.log(1e-4)), ("mse", math.log(0.01))):
+        strat = strategy("uncertainty", lr=0.05, regression_loss=mode)
+        (group,) = strat.parameters()
+        assert group["lr"] == 0.05
+        opt = torch.optim.Adam([group])
+        for _ in range(1500):
+            opt.zero_grad(set_to_none=True)
+            strat.objective(losses, KINDS).backward()
+            opt.step()
+        s = strat.state_dict()["log_variance"]
+        assert s["landmarks"] == pytest.approx(expect_lm, abs=0.05), mode
+        assert s["segmentation"] == pytest.approx(math.log(0.6), abs=0.05)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

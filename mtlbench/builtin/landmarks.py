@@ -299,6 +299,9 @@ class LandmarkParams(Params):
         None, description="the landmarks of each heatmap channel (default: all of data.landmarks in one channel)"
     )
     loss: Literal["rmse", "mse"] = Field("rmse", description="rmse: sqrt of the batch mean squared error (the study's)")
+    foreground_weight: float = Field(
+        1.0, ge=1.0, description="weight of a pixel is 1 + (foreground_weight - 1) * target: blobs count more than background"
+    )
 
     @model_validator(mode="after")
     def _groups(self) -> "LandmarkParams":
@@ -380,8 +383,12 @@ class Landmarks(Task):
     def loss(self, output: "torch.Tensor", batch) -> "torch.Tensor":
         import torch.nn.functional as F
 
-        target = batch["heatmaps"]
-        mse = F.mse_loss(output, target.to(output.dtype))
+        target = batch["heatmaps"].to(output.dtype)
+        if self.params.foreground_weight == 1.0:
+            mse = F.mse_loss(output, target)
+        else:  # a weighted mean: the same scale as the plain one when every weight is 1
+            w = 1.0 + (self.params.foreground_weight - 1.0) * target
+            mse = (w * (output - target) ** 2).sum() / w.sum()
         if self.params.loss == "mse":
             return mse
         return mse.clamp_min(1e-12).sqrt()  # the clamp keeps the gradient finite at a perfect fit

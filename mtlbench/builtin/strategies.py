@@ -146,12 +146,26 @@ class Alternate(Strategy):
 
 class UncertaintyParams(api.Params):
     init: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    lr: Annotated[float | None, Field(gt=0, description="learning rate of the log-variances (default: the model's)")] = None
+    regression_loss: Literal["rmse", "mse"] = Field(
+        "rmse",
+        description="how a regression task's loss is read: rmse is squared into the mean squared error the "
+        "Gaussian likelihood is written on; mse is used as given",
+    )
 
 
 class Uncertainty(Strategy):
     """Kendall et al. (2018) homoscedastic uncertainty weighting with learned s_t = log sigma_t^2.
 
-    L = sum_t C_t * exp(-s_t) * l_t + s_t / 2, C_t = 1 (classification) or 1/2 (regression).
+    L = sum_t C_t * exp(-s_t) * e_t + s_t / 2 with C_t = 1 and e_t = l_t for a
+    classification task, C_t = 1/2 and e_t the mean squared error for a
+    regression task (the Gaussian likelihood is written on the squared error:
+    e_t = l_t^2 when the task's loss is an RMSE, ``regression_loss = "rmse"``,
+    the default, else e_t = l_t). At the optimum of s_t, exp(s_t) = e_t
+    (regression) or 2 l_t (classification). The log-variances learn with their
+    own learning rate ``lr`` (default: the model's): Adam moves each by about
+    its learning rate per step, so the model's rate can be far too small for
+    them to reach that optimum in a short budget.
     The s_t are scalar CPU parameters; ``objective`` uses ``s.to(loss.device)``
     so autograd carries their gradient back to the CPU leaves, which the
     optimizer updates in place (this works unchanged when the model is on a GPU).
@@ -169,8 +183,11 @@ class Uncertainty(Strategy):
             t: torch.nn.Parameter(torch.full((), float(params.init), dtype=torch.float32)) for t in self.all_tasks
         }
 
-    def parameters(self) -> list["torch.nn.Parameter"]:
-        return list(self.log_variances.values())
+    def parameters(self) -> list[Any]:
+        params = list(self.log_variances.values())
+        if self.params.lr is None:
+            return params
+        return [{"params": params, "lr": float(self.params.lr)}]
 
     def factor(self, task: str, task_kinds: dict[str, str]) -> float:
         kind = task_kinds.get(task)
@@ -187,26 +204,35 @@ class Uncertainty(Strategy):
         total = None
         for task, loss in losses.items():
             s = self.log_variances[task].to(device=loss.device, dtype=loss.dtype)
-            term = self.factor(task, task_kinds) * torch.exp(-s) * loss + s / 2
+            term = self.factor(task, task_kinds) * torch.exp(-s) * self.error(task, loss, task_kinds) + s / 2
             total = term if total is None else total + term
         if total is None:
             raise ValueError("strategy uncertainty: no losses to combine")
         return total
 
+    def error(self, task: str, loss: "torch.Tensor", task_kinds: dict[str, str]) -> "torch.Tensor":
+        """The likelihood's error term e_t of a task's loss (see the class docstring)."""
+        squared = task_kinds.get(task) == "regression" and self.params.regression_loss == "rmse"
+        return loss * loss if squared else loss
+
     def backward(self, losses: dict[str, "torch.Tensor"], ctx: StepContext) -> dict[str, Any]:
         self.objective(losses, ctx.task_kinds).backward()
-        return self.values(ctx.task_kinds, list(losses))
+        return self.values(ctx.task_kinds, {t: float(l.detach()) for t, l in losses.items()})
 
-    def values(self, task_kinds: dict[str, str], tasks: list[str]) -> dict[str, float]:
-        """sigma/<t> = exp(s/2), weight/<t> = C exp(-s) and s/<t> (read from the CPU leaves: no device sync)."""
+    def values(self, task_kinds: dict[str, str], losses: dict[str, float]) -> dict[str, float]:
+        """s/<t>, sigma/<t> = exp(s/2), weight/<t> = C exp(-s) on e_t, and lambda/<t>: the weight the
+        step's gradient puts on the task's loss as given (C exp(-s) de_t/dl_t), comparable to joint's lambdas."""
         import math
 
         out: dict[str, float] = {}
-        for task in tasks:
+        for task, loss in losses.items():
             s = float(self.log_variances[task].detach())
+            weight = self.factor(task, task_kinds) * math.exp(-s)
+            squared = task_kinds.get(task) == "regression" and self.params.regression_loss == "rmse"
             out[f"s/{task}"] = s
             out[f"sigma/{task}"] = math.exp(s / 2)
-            out[f"weight/{task}"] = self.factor(task, task_kinds) * math.exp(-s)
+            out[f"weight/{task}"] = weight
+            out[f"lambda/{task}"] = weight * (2.0 * loss if squared else 1.0)
         return out
 
     def state_dict(self) -> dict[str, Any]:

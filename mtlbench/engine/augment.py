@@ -15,8 +15,9 @@ the configured interval:
 
 The transform is built in pixel units and converted to the normalised
 coordinates of ``F.affine_grid`` (``align_corners=False``), so non-square
-slices are rotated without shear. The image is sampled bilinearly with border
-padding. Every target moves by its own rule (``mtlbench.api.Target.warp``):
+slices are rotated without shear. The image is sampled bilinearly (or with
+nearest neighbour, ``image_interpolation = "nearest"``, as the study did) with
+border padding. Every target moves by its own rule (``mtlbench.api.Target.warp``):
 ``"nearest"`` maps with nearest neighbour (values stay in their set),
 ``"linear"`` maps bilinearly, both with the target's ``fill`` where the
 sample falls outside the slice; ``"points"`` (B, C, 2) (row, col) positions
@@ -159,7 +160,7 @@ def random_affine(
     theta64 = affine_theta(params, h, w)
     theta = theta64.to(device=image.device, dtype=torch.float32)
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    out_image = _warp(image, grid, nearest=False, padding="border")
+    out_image = _warp(image, grid, nearest=cfg.image_interpolation == "nearest", padding="border")
     out_targets = {}
     for key, value in targets.items():
         rule = rules[key]

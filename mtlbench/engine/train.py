@@ -254,9 +254,11 @@ def run_trial(
     groups = [
         {"params": list(model.parameters()), "weight_decay": tc.weight_decay},
     ]
-    sparams = list(strategy.parameters())
-    if sparams:
-        groups.append({"params": sparams, "weight_decay": 0.0})
+    sparams = list(strategy.parameters())  # parameters, or param-group dicts with their own "lr"
+    plain = [p for p in sparams if not isinstance(p, dict)]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    groups += [{"weight_decay": 0.0, **g} for g in sparams if isinstance(g, dict)]
     optimizer = torch.optim.Adam(groups, lr=tc.lr)
     milestones = [tc.lr_decay_epoch] if 0 < tc.lr_decay_epoch < tc.epochs else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_decay_factor)
@@ -300,6 +302,9 @@ def run_trial(
                 for t, l in losses.items():
                     if not torch.isfinite(l):
                         raise Diverged(f"loss of task {t!r} became {float(l)} at epoch {epoch + 1}, step {step}")
+                if tc.grad_norm_every and step % tc.grad_norm_every == 0:
+                    for t, norm in shared_grad_norms(losses, ctx_shared).items():
+                        _acc(sums, counts, f"grad_norm/{t}", norm)
                 optimizer.zero_grad(set_to_none=True)
                 ctx = StepContext(step=step, epoch=epoch, shared_parameters=ctx_shared, task_parameters=ctx_tasks, task_kinds=kinds)
                 log = strategy.backward(losses, ctx) or {}
@@ -351,6 +356,22 @@ def run_trial(
     )
     write_json(out_dir / RESULT, record)
     return record
+
+
+def shared_grad_norms(losses: dict[str, torch.Tensor], shared: list[torch.nn.Parameter]) -> dict[str, float]:
+    """The L2 norm of each task's (unweighted) loss gradient on the shared trunk; the graph is kept for the step.
+
+    Logged at every ``train.grad_norm_every``-th step, it shows what a loss
+    weight does: a task whose gradient is 100x smaller needs lambda ~ 100 to
+    matter as much.
+    """
+    out = {}
+    params = [p for p in shared if p.requires_grad]
+    for task, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        total = sum(float(g.detach().pow(2).sum()) for g in grads if g is not None)
+        out[task] = math.sqrt(total)
+    return out
 
 
 def _epoch_order(

@@ -44,8 +44,8 @@ STATISTICS_TEXT = """\
   correlated; without it the plain t-test is too confident. Two-sided, Holm–Bonferroni adjusted over all
   rows that are compared; "better" needs p_holm < 0.05 and Δ in the metric's good direction.
 - **Auxiliary metric and its trivial reference.** Each task says what no learning achieves on the same
-  test patients (`Task.reference`: for the landmarks task's heatmap RMSE the all-zero map, for its
-  localisation the mean training position). The auxiliary column shows the learned value and its ratio
+  test patients (`Task.reference`: e.g. an all-zero map for a map regression, the mean training
+  position for a localisation). The auxiliary column shows the learned value and its ratio
   to that reference (×1.00: no better than the trivial predictor; below 1 is better for an error). Do
   not read anything into an auxiliary task whose ratio is near 1: it was not learned.
 - **Patient level, for reference.** The Wilcoxon signed-rank test over test patients (each patient's
@@ -193,6 +193,8 @@ def figures_markdown(paths: list[Path], run_dir: Path) -> str:
     sections = {
         "Learning curves": "curves_",
         "Parameter sweep": "lambda_sweep",
+        "Learned loss weights": "learned_weights",
+        "Gradient norms": "grad_norms",
         "Example slices": "overlay_",
     }
     captions = {
@@ -200,6 +202,11 @@ def figures_markdown(paths: list[Path], run_dir: Path) -> str:
         "training losses per task on the right when logged.",
         "Parameter sweep": "Main and auxiliary metric against the swept parameter (mean ± std over folds); "
         "the grey band is the baseline's mean ± std.",
+        "Learned loss weights": "Per epoch, the weight a learned-weighting strategy puts on each task's loss as "
+        "the task computes it (`lambda/<task>`, comparable to joint's lambdas); thin lines: folds.",
+        "Gradient norms": "Per epoch, the norm of each task's unweighted loss gradient on the shared trunk "
+        "(sampled every `train.grad_norm_every` steps): a task with a 100x smaller gradient needs lambda ~ 100 "
+        "to weigh as much.",
         "Example slices": "The test slice with the most organ voxels from each row's first completed trial: "
         "what each task draws of it (label maps: ground truth green, prediction red, overlap yellow; "
         "float maps: ground truth next to prediction; points: ground truth o, prediction x).",

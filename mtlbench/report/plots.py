@@ -144,6 +144,49 @@ def plot_learning_curves(results: dict[str, Any], out_dir: str | Path) -> list[P
     return paths
 
 
+# ----------------------------------------------------------------------------- weights and gradient norms
+
+
+def _train_keys(trials: list[dict[str, Any]], prefix: str) -> list[str]:
+    return sorted({k for t in trials for h in t.get("history") or [] for k in (h.get("train") or {}) if k.startswith(prefix)})
+
+
+def plot_train_signal(results: dict[str, Any], out_dir: str | Path, prefix: str, name: str, ylabel: str,
+                      only_varying: bool = False) -> Path | None:
+    """``<name>.png``: per row, every ``<prefix><task>`` of the training history per epoch (mean over folds, thin
+    lines per fold), log scale; None when no row logs one. ``only_varying`` skips rows whose values never change
+    (fixed weights)."""
+    panels = []
+    for group in group_rows(results):
+        trials = group.completed
+        curves = {k: c for k in _train_keys(trials, prefix) if (c := _curve(trials, "train", k))}
+        if only_varying:
+            curves = {k: c for k, c in curves.items() if any(np.ptp(ys) > 1e-9 * max(1.0, abs(ys).max()) for _, ys in c.values())}
+        if curves:
+            panels.append((group.label, curves))
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0 * ncols, 3.8 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (label, curves) in zip(axes, panels):
+        for j, (key, c) in enumerate(curves.items()):
+            _draw_folds(ax, c, FOLD_COLOURS[j % len(FOLD_COLOURS)], key.removeprefix(prefix), label_folds=False)
+        ax.set_yscale("log")
+        ax.set(title=label, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        _integer_epochs(ax)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, Path(out_dir) / f"{name}.png")
+
+
 # ----------------------------------------------------------------------------- parameter sweep
 
 
@@ -403,5 +446,12 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     sweep = plot_lambda_sweep(results, out_dir)
     if sweep is not None:
         paths.append(sweep)
+    for extra in (
+        plot_train_signal(results, out_dir, "lambda/", "learned_weights",
+                          "weight on the task's loss (mean over the epoch)", only_varying=True),
+        plot_train_signal(results, out_dir, "grad_norm/", "grad_norms", "‖∇ task loss‖ on the shared trunk"),
+    ):
+        if extra is not None:
+            paths.append(extra)
     paths.extend(plot_overlays(results, run_dir, out_dir))
     return paths
