@@ -127,10 +127,12 @@ def plot_learning_curves(results: dict[str, Any], out_dir: str | Path) -> list[P
         ax = axes[0]
         if metric_curves:
             _draw_folds(ax, metric_curves, "black", "mean over folds", label_folds=True)
+            ax.legend(fontsize=7)
+        else:  # e.g. the auxiliary task's own single-task row has no main-task tail
+            ax.text(0.5, 0.5, f"this row has no {metric}", ha="center", va="center", transform=ax.transAxes)
         arrow = "↑" if higher_is_better(meta, metric) else "↓"
         ax.set(title=f"{group.label}: {metric} ({arrow} better)", xlabel="epoch", ylabel=metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
         _integer_epochs(ax)
         if loss_curves:
             lax = axes[1]
