@@ -75,6 +75,13 @@ def test_learns_far_above_trivial(trained):
     assert len(curve) == 8 and curve[-1] > curve[0]
     saved = json.loads((out / "result.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == list(range(1, 9))
+    # the trivial reference on the same patients: the all-zero heatmap's RMSE, recomputed from the cache
+    heat = [load_patient(record["cache"], p).targets["landmarks"]["heatmaps"].astype(np.float64) for p in record["test_patients"]]
+    zero = np.mean([np.sqrt(np.mean(h**2)) for h in heat])
+    assert record["reference"]["landmarks/rmse"] == pytest.approx(zero, rel=1e-6)
+    assert all("landmarks/error_mm_mean" in p["reference"] for p in record["per_patient"])
+    # per-task gradient norms on the trunk, sampled every train.grad_norm_every steps
+    assert all(h["train"]["grad_norm/segmentation"] > 0 and h["train"]["grad_norm/landmarks"] > 0 for h in saved["history"])
     assert saved["history"][0]["train"]["loss/segmentation"] > saved["history"][-1]["train"]["loss/segmentation"]
 
 
