@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile $(PLUGIN_FILES)
 	$(BIN)/python -m pip install -q "setuptools>=68" wheel
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --force-reinstall --no-deps $(addprefix ./,$(PLUGINS))
+	$(BIN)/python -m pip install -q $(addprefix ./,$(PLUGINS))
 	rm -rf plugins/*/build plugins/*/*.egg-info
 	touch $(STAMP)
 

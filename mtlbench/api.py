@@ -461,7 +461,14 @@ class StepContext:
 
     ``shared_parameters`` are the trunk's parameters (for per-task gradient
     methods), ``task_parameters`` each tail's. ``step`` counts optimizer steps
-    from 0 across epochs.
+    from 0 across epochs, ``epoch`` from 0. ``features`` is the trunk's output
+    for this batch (B, C, H, W), the shared representation every tail reads:
+    Jacobian methods can differentiate the losses with respect to it instead
+    of every trunk parameter (as torchjd's ``mtl_backward`` does).
+    ``last_shared_parameters`` are the parameters of the trunk's last layers,
+    the ones that produce ``features`` (GradNorm measures gradient norms
+    there). ``loss_history`` holds one ``{task: mean training loss}`` per
+    finished epoch, oldest first (DWA, early stopping).
     """
 
     step: int
@@ -469,6 +476,9 @@ class StepContext:
     shared_parameters: list["torch.nn.Parameter"]
     task_parameters: dict[str, list["torch.nn.Parameter"]]
     task_kinds: dict[str, str]
+    features: "torch.Tensor | None" = None
+    last_shared_parameters: list["torch.nn.Parameter"] = field(default_factory=list)
+    loss_history: list[dict[str, float]] = field(default_factory=list)
 
 
 class Strategy:
@@ -509,6 +519,14 @@ class Strategy:
 
     def backward(self, losses: dict[str, "torch.Tensor"], ctx: StepContext) -> dict[str, Any]:
         raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int, loss_history: list[dict[str, float]]) -> dict[str, Any]:
+        """Called after every epoch with the finished epochs' mean training losses; returns what to log.
+
+        For methods that decide per epoch (e.g. stopping an auxiliary task
+        whose training loss has stopped improving).
+        """
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -115,22 +115,39 @@ class Joint(Strategy):
 
 
 class AlternateParams(api.Params):
-    order: Literal["round_robin", "random"] = "round_robin"
+    order: Literal["round_robin", "random", "weighted"] = "round_robin"
     seed: Seed = 0
+    weights: dict[str, Weight] = Field(
+        {}, description="order = weighted: each step's task is drawn with probability proportional to its weight (default 1)"
+    )
 
 
 class Alternate(Strategy):
-    """One task per batch: round robin over the tasks, or a seeded random choice per step."""
+    """One task per batch: round robin, a seeded uniform choice, or a seeded choice proportional to ``weights``."""
 
     name = "alternate"
-    description = "One task's loss per batch, by round robin or a seeded random choice."
+    description = "One task's loss per batch: round robin, random, or random in proportion to a weight."
     Params: ClassVar[type[api.Params]] = AlternateParams
+
+    def __init__(self, params: AlternateParams, tasks: list[str], main_task: str) -> None:
+        super().__init__(params, tasks, main_task)
+        for key in params.weights:
+            check_task(key, self.all_tasks, "alternate weights")
+        if params.weights and params.order != "weighted":
+            raise ConfigError("strategies: alternate weights are used only with order = 'weighted'")
+        w = [float(params.weights.get(t, 1.0)) for t in self.all_tasks]
+        if sum(w) <= 0:
+            raise ConfigError("strategies: alternate weights: every task's weight is 0; at least one must be positive")
+        self.probabilities = [v / sum(w) for v in w]
 
     def task_at(self, step: int) -> str:
         n = len(self.all_tasks)
         if self.params.order == "round_robin":
             return self.all_tasks[step % n]
-        return self.all_tasks[int(step_rng(self.params.seed, step).integers(n))]
+        rng = step_rng(self.params.seed, step)
+        if self.params.order == "weighted":
+            return self.all_tasks[int(rng.choice(n, p=self.probabilities))]
+        return self.all_tasks[int(rng.integers(n))]
 
     def tasks_for_step(self, step: int) -> list[str]:
         return [self.task_at(step)]

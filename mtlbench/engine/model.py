@@ -134,12 +134,26 @@ class MultiTaskModel(nn.Module):
         return list(self.tails.keys())
 
     def forward(self, x: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        return self.forward_with_features(x, tasks)[0]
+
+    def forward_with_features(
+        self, x: torch.Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The tails' outputs and the trunk's output they were computed from (the shared features)."""
         features = self.trunk(x)
         labels = self.task_labels if tasks is None else list(tasks)
-        return {label: self.tails[label](features) for label in labels}
+        return {label: self.tails[label](features) for label in labels}, features
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.trunk.parameters())
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The layers that produce the features: the last up-convolution and the first block's last conv + norm."""
+        first_block_tail = [m for m in self.trunk.encoders[0] if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))][-2:]
+        params = list(self.trunk.final_up.parameters())
+        for m in first_block_tail:
+            params += list(m.parameters())
+        return params
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {label: list(tail.parameters()) for label, tail in self.tails.items()}

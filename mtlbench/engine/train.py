@@ -264,6 +264,8 @@ def run_trial(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_decay_factor)
     ctx_shared = list(model.shared_parameters())
     ctx_tasks = {t: list(p) for t, p in model.task_parameters().items()}
+    ctx_last = model.last_shared_parameters()
+    loss_history: list[dict[str, float]] = []
     kinds = {t: comp.tasks[t].kind for t in comp.tasks}
     gen = torch.Generator().manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
@@ -297,7 +299,7 @@ def run_trial(
                 image, targets = _batch(data, idx, keys, device)
                 image, targets = random_affine(image, targets, rules, cfg.augment, gen)
                 names = strategy.tasks_for_step(step)
-                outputs = model(image, names)  # only the tails whose losses this step computes
+                outputs, features = model.forward_with_features(image, names)  # only this step's tails
                 losses = {t: comp.tasks[t].loss(outputs[t], task_batch(t, targets)) for t in names}
                 for t, l in losses.items():
                     if not torch.isfinite(l):
@@ -306,7 +308,10 @@ def run_trial(
                     for t, norm in shared_grad_norms(losses, ctx_shared).items():
                         _acc(sums, counts, f"grad_norm/{t}", norm)
                 optimizer.zero_grad(set_to_none=True)
-                ctx = StepContext(step=step, epoch=epoch, shared_parameters=ctx_shared, task_parameters=ctx_tasks, task_kinds=kinds)
+                ctx = StepContext(
+                    step=step, epoch=epoch, shared_parameters=ctx_shared, task_parameters=ctx_tasks, task_kinds=kinds,
+                    features=features, last_shared_parameters=ctx_last, loss_history=loss_history,
+                )
                 log = strategy.backward(losses, ctx) or {}
                 optimizer.step()
                 for t, l in losses.items():
@@ -322,6 +327,9 @@ def run_trial(
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             train_log = {k: (sums[k] / counts[k] if k in counts else sums[k]) for k in sorted(sums)}
+            loss_history.append({k.removeprefix("loss/"): v for k, v in train_log.items() if k.startswith("loss/")})
+            for k, v in (strategy.on_epoch_end(epoch, loss_history) or {}).items():
+                train_log[f"{k}={v}" if isinstance(v, str) else k] = 1.0 if isinstance(v, str) else float(v)
             entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train": train_log}
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
                 metrics, _, _ = evaluate(model, comp, records, device, final=False)
