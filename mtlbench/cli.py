@@ -83,7 +83,7 @@ def _setup_logging() -> None:
 
 
 # Options shared by every command that reads a config.
-ProfileOpt = typer.Option(None, "--profile", "-p", help="Apply [profiles.NAME] over the base config.")
+ProfileOpt = typer.Option(None, "--profile", "-p", help="Apply the \\[profiles.NAME] table over the base config.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a key: --set train.epochs=5 (repeatable).")
 
 
@@ -177,7 +177,7 @@ def data_prepare(
 def train_cmd(
     config: Path = typer.Argument(..., help="Benchmark TOML file."),
     fold: int = typer.Option(0, "--fold", "-k", min=0, help="Test fold."),
-    strategy: str = typer.Option(..., "--strategy", help="Strategy label from [strategies]."),
+    strategy: str = typer.Option(..., "--strategy", help="Strategy label: a key of the config's \\[strategies] table."),
     point: int = typer.Option(0, "--point", min=0, help="Which point of the strategy's parameter grid."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: the first of experiment.seeds)."),
     profile: Optional[str] = ProfileOpt,

@@ -86,3 +86,14 @@ def test_resume_refuses_overrides(tmp_path):
     assert r.exit_code == 2 and "--resume" in r.stderr
     r = runner.invoke(app, ["run", str(p), "--resume"])
     assert r.exit_code == 2 and "--out" in r.stderr
+
+
+def test_help_keeps_words_in_square_brackets():
+    """rich markup would swallow "[profiles.NAME]" and "[strategies]" from option help."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("mtlbench"))
+    out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert "[profiles.NAME]" in out.stdout and "[strategies]" in out.stdout
