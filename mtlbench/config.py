@@ -36,6 +36,7 @@ LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 class ExperimentConfig(Section):
     name: str = "experiment"
+
     folds: Annotated[int, Field(ge=2)] = 5
     fold_seed: int = 0
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
@@ -43,6 +44,13 @@ class ExperimentConfig(Section):
     main_metric: str = "iou_mean"
     baseline: str = "single"
     cpu_profile: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not LABEL.fullmatch(v):
+            raise ValueError("the name may hold letters, digits, '_' and '-' (it names the cache file and run folder)")
+        return v
 
 
 class DataConfig(Section):
@@ -55,6 +63,14 @@ class DataConfig(Section):
     landmarks: list[str] = ["renal_pelvis_right", "renal_pelvis_left"]
     mask_mismatch: Literal["error", "resample"] = "error"
     geometry_tolerance: Annotated[float, Field(gt=0)] = 1e-3
+
+    @field_validator("organs", "landmarks")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        twice = sorted({x for x in v if v.count(x) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]!r} is listed twice")
+        return v
 
 
 #: Keys that left ``[preprocess]`` for a task's params: old key -> where it lives now.

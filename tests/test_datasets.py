@@ -298,3 +298,34 @@ def test_phantom_params_validated() -> None:
 
     with pytest.raises(ConfigError, match="data.phantom.patients"):
         validate_params(PhantomSource.Params, {"patients": 1}, "data.phantom")
+
+
+def test_mask_values_are_checked_and_empty_organs_warned(tmp_path, caplog):
+    """A binary mask with other values is a label map or a corrupt file: one-line error; an empty organ: a warning."""
+    import logging
+
+    from mtlbench.builtin.datasets import MaskSpec, checked_mask
+
+    labels = np.zeros((2, 3, 3), dtype=np.int16)
+    labels[0, 1, 1] = 2
+    labels[1, 0, 0] = 7
+    with pytest.raises(DataError, match=r"patient p1: mask .*seg.nii.gz of organ 'kidney_left' holds values other than 0 and 1 \(2, 7\)"):
+        checked_mask("p1", "kidney_left", MaskSpec(tmp_path / "seg.nii.gz"), labels)
+    assert checked_mask("p1", "kidney_left", MaskSpec(tmp_path / "seg.nii.gz", 2), labels).sum() == 1
+    with caplog.at_level(logging.WARNING, logger="mtlbench.data"):
+        assert not checked_mask("p1", "kidney_left", MaskSpec(tmp_path / "seg.nii.gz", 99), labels).any()
+    assert "organ 'kidney_left' has no voxel (label 99 does not occur" in caplog.text
+
+
+def test_nan_voxels_are_a_data_error(tmp_path):
+    from mtlbench.builtin.datasets import Entry, MaskSpec, load_entry
+
+    geom = Geometry(size=(4, 3, 2), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0))
+    image = np.zeros((2, 3, 4), np.float32)
+    image[1, 2, 3] = np.nan
+    write_volume(tmp_path / "ct.mha", image, geom)  # MHA keeps NaN (NIfTI through ITK does not)
+    write_volume(tmp_path / "k.nii.gz", np.ones((2, 3, 4), np.uint8), geom)
+    entry = Entry("p9", tmp_path / "ct.mha", {"kidney_right": MaskSpec(tmp_path / "k.nii.gz")})
+    request = source_request(validate_config({"data": {"organs": ["kidney_right"]}}))
+    with pytest.raises(DataError, match=r"patient p9: image .*ct.mha has 1 NaN or infinite voxels"):
+        load_entry(entry, request)

@@ -102,6 +102,9 @@ def load_entry(entry: Entry, request: SourceRequest) -> Patient:
     from mtlbench.data.io import mask_from_labels, read_label_image, read_volume
 
     image, geometry = read_volume(entry.image)
+    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise DataError(f"patient {entry.patient}: image {entry.image} has {bad} NaN or infinite voxels")
     labels_by_file: dict[Path, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
     for organ in request.organs:
@@ -114,7 +117,7 @@ def load_entry(entry: Entry, request: SourceRequest) -> Patient:
                 tol=request.geometry_tolerance,
                 image_path=entry.image,
             )
-        masks[organ] = mask_from_labels(labels_by_file[spec.path], spec.label)
+        masks[organ] = checked_mask(entry.patient, organ, spec, labels_by_file[spec.path])
     return Patient(
         id=entry.patient,
         image=image.astype(np.float32, copy=False),
@@ -123,6 +126,34 @@ def load_entry(entry: Entry, request: SourceRequest) -> Patient:
         landmarks=_entry_landmarks(entry, request, geometry),
         files=entry.roles(),
     )
+
+
+def checked_mask(patient: str, organ: str, spec: MaskSpec, labels) -> "np.ndarray":
+    """The organ's bool mask from its file's values; wrong values are a DataError, an empty organ a warning.
+
+    A binary mask (no ``#label``) may hold only 0 and 1 (anything else is a
+    label map, or a corrupt file: name the label with ``file#label``).
+    """
+    import logging
+
+    import numpy as np
+
+    from mtlbench.data.io import mask_from_labels
+
+    if spec.label is None:
+        values = np.unique(labels)
+        extra = [v for v in values.tolist() if v not in (0, 1)]
+        if extra:
+            shown = ", ".join(f"{v:g}" for v in extra[:6]) + (" ..." if len(extra) > 6 else "")
+            raise DataError(
+                f"patient {patient}: mask {spec.path} of organ {organ!r} holds values other than 0 and 1 ({shown}); "
+                f"for one label of a label map write '{spec.path}#<label>'"
+            )
+    mask = mask_from_labels(labels, spec.label)
+    if not mask.any():
+        where = f"label {spec.label} does not occur in {spec.path}" if spec.label is not None else f"{spec.path} is empty"
+        logging.getLogger("mtlbench.data").warning("patient %s: organ %r has no voxel (%s)", patient, organ, where)
+    return mask
 
 
 def _norm_label(label: str) -> str:
