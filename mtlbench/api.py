@@ -287,10 +287,16 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """How to read a metric: ``higher_is_better`` and its unit ('' if none)."""
+    """How to read a metric: ``higher_is_better``, its unit ('' if none) and its range.
+
+    ``bounds`` (low, high; None for unbounded) is the range of possible
+    values, e.g. (0, 1) for an overlap: the leaderboard's confidence
+    intervals are clipped to it.
+    """
 
     higher_is_better: bool
     unit: str = ""
+    bounds: tuple[float | None, float | None] = (None, None)
 
 
 @dataclass

@@ -47,7 +47,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+            hint = _STATE.get("resume_hint")
+            typer.echo("interrupted" + (f"; finished trials are kept. Continue with: {hint}" if hint else ""), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -148,7 +149,7 @@ def config_show(
     """Print the resolved configuration (profile and overrides applied) as TOML."""
     from mtlbench.config import to_toml
 
-    cfg = load(config, profile, set_)
+    cfg = load(config, profile, set_, auto_profile=True)  # what `run` would use on this machine
     typer.echo(to_toml(cfg), nl=False)
 
 
@@ -252,7 +253,7 @@ def predict_cmd(
 @app.command("run")
 @handle_errors
 def run_cmd(
-    config: Path = typer.Argument(..., help="Benchmark TOML file."),
+    config: Optional[Path] = typer.Argument(None, help="Benchmark TOML file (not needed with --resume)."),
     profile: Optional[str] = ProfileOpt,
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<experiment>-<timestamp>)."),
@@ -265,18 +266,33 @@ def run_cmd(
     from mtlbench.report.leaderboard import build_leaderboard, render_leaderboard
     from mtlbench.report.markdown import write_report
 
+    from mtlbench.config import to_toml
+
     out_console = console()
     _STATE["address"] = address
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        if profile or set_:
-            raise ConfigError("--resume continues with RUN_DIR/config.toml; --profile and --set cannot change it")
+        if not (out / RESOLVED).is_file():
+            raise ConfigError(f"--resume: {out} is not a run folder (no {RESOLVED})")
         cfg = load(out / RESOLVED, None, None)
+        if config is not None:  # the command line that started the run is fine, as long as it means the same
+            again = load(config, profile, set_, auto_profile=True)
+            if to_toml(again) != to_toml(cfg):
+                raise ConfigError(
+                    f"--resume: {config} with these --profile/--set gives a different config than the one recorded "
+                    f"in {out / RESOLVED} (first difference: {_first_difference(cfg.to_toml_dict(), again.to_toml_dict())}); "
+                    "resume without CONFIG to continue the recorded run"
+                )
+        elif profile or set_:
+            raise ConfigError("--resume continues with RUN_DIR/config.toml; --profile and --set need the CONFIG they apply to")
         out_console.print(f"resuming {out} with its recorded config")
     else:
+        if config is None:
+            raise ConfigError("run needs a benchmark CONFIG (or --resume --out RUN_DIR)")
         cfg = load(config, profile, set_, auto_profile=True)
     run_dir = out or default_run_dir(cfg)
+    _STATE["resume_hint"] = f"mtlbench run --resume --out {run_dir}"
     results = run_experiment(cfg, run_dir, address=address, resume=resume, console=out_console)
     board = build_leaderboard({"meta": results["meta"], "trials": results["trials"]})
     render_leaderboard(board, out_console)
@@ -308,6 +324,15 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> Non
     from mtlbench.report.markdown import write_report
 
     typer.echo(str(write_report(run_dir)))
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    """The dotted key where two config dicts first differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return path or "<root>"
 
 
 def _register_plugin_commands() -> None:

@@ -7,7 +7,16 @@ import os
 
 
 def gpu_available() -> bool:
-    """True when torch sees a CUDA device (imports torch)."""
+    """True when torch sees a CUDA device.
+
+    Without an NVIDIA driver (no /dev/nvidia* device, no nvidia-smi) the answer
+    is False without importing torch, which keeps ``config show`` fast.
+    """
+    import glob
+    import shutil
+
+    if not glob.glob("/dev/nvidia[0-9]*") and shutil.which("nvidia-smi") is None:
+        return False
     import torch
 
     return bool(torch.cuda.is_available())

@@ -77,15 +77,31 @@ def test_help_imports_neither_torch_nor_ray():
     code = code.replace("'--help'", "'plugins', '--json'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in r.stdout, r.stdout + r.stderr
+    if not Path("/dev/nvidia0").exists():  # config show checks for a GPU, which needs torch only on a GPU machine
+        kidney = str(ROOT / "benchmarks" / "kidney.toml")
+        r = subprocess.run([sys.executable, "-c", code.replace("'plugins', '--json'", f"'config', 'show', {kidney!r}")],
+                           capture_output=True, text=True, timeout=120)
+        assert "HEAVY []" in r.stdout and 'profile = "cpu"' in r.stdout, r.stdout + r.stderr
 
 
-def test_resume_refuses_overrides(tmp_path):
+def test_resume_accepts_its_own_command_line_and_refuses_changes(tmp_path):
+    from mtlbench.config import load_config, to_toml
+
     p = tmp_path / "b.toml"
-    p.write_text("")
-    r = runner.invoke(app, ["run", str(p), "--out", str(tmp_path / "r"), "--resume", "--set", "train.epochs=1"])
-    assert r.exit_code == 2 and "--resume" in r.stderr
+    p.write_text("[train]\nepochs = 3\n")
+    run = tmp_path / "r"
+    r = runner.invoke(app, ["run", str(p), "--out", str(run), "--resume"])
+    assert r.exit_code == 2 and "is not a run folder" in r.stderr
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(load_config(p, None, ["train.epochs=2"])))
+    r = runner.invoke(app, ["run", str(p), "--out", str(run), "--resume"])  # epochs 3 vs the recorded 2
+    assert r.exit_code == 2 and "first difference: train.epochs" in r.stderr, r.stderr
+    r = runner.invoke(app, ["run", "--out", str(run), "--resume", "--set", "train.epochs=1"])
+    assert r.exit_code == 2 and "--set need the CONFIG" in r.stderr
     r = runner.invoke(app, ["run", str(p), "--resume"])
     assert r.exit_code == 2 and "--out" in r.stderr
+    r = runner.invoke(app, ["run"])
+    assert r.exit_code == 2 and "needs a benchmark CONFIG" in r.stderr
 
 
 def test_help_keeps_words_in_square_brackets():

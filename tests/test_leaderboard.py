@@ -308,3 +308,16 @@ def test_all_failed_run_still_builds():
     assert all(r["mean"] is None and r["failed"] == r["trials"] for r in board["rows"])
     json.dumps(board, allow_nan=False)
     assert not any(math.isnan(r["completed"]) for r in board["rows"])
+
+
+def test_confidence_interval_is_clipped_to_the_metric_range():
+    trials = [
+        {"id": f"s{f}", "fold": f, "seed": 0, "strategy": "single", "params": {}, "status": "completed",
+         "metrics": {"seg/iou_mean": v}, "per_patient": []}
+        for f, v in enumerate([0.0, 0.02, 0.0, 0.01])
+    ]
+    meta = {"main_metric": "seg/iou_mean", "baseline": "single", "bounds": {"seg/iou_mean": [0.0, 1.0]}}
+    row = build_leaderboard({"meta": meta, "trials": trials})["rows"][0]
+    assert row["ci_low"] == 0.0 and 0 < row["ci_high"] < 1  # the t-interval would reach below 0
+    unbounded = build_leaderboard({"meta": {**meta, "bounds": {}}, "trials": trials})["rows"][0]
+    assert unbounded["ci_low"] < 0

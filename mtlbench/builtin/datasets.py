@@ -19,7 +19,9 @@ from mtlbench.api import DatasetSource, Params, Patient, SourceRequest
 from mtlbench.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mtlbench.api import Landmark
+    import numpy as np
+
+    from mtlbench.api import Geometry, Landmark
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,17 @@ class EntrySource(DatasetSource):
         return load_entry(self.entry(patient_id), self.request)
 
 
-def load_entry(entry: Entry, request: SourceRequest) -> Patient:
-    """Read one patient's volume, the configured organs' masks and landmarks."""
+def load_entry(entry: Entry, request: SourceRequest, volume: "tuple[np.ndarray, Geometry] | None" = None) -> Patient:
+    """Read one patient's volume, the configured organs' masks and landmarks.
+
+    ``volume`` is the image already read, (array, geometry), for sources that
+    pick it out of a larger file (one channel of a 4D image); default: read ``entry.image``.
+    """
     import numpy as np
 
     from mtlbench.data.io import mask_from_labels, read_label_image, read_volume
 
-    image, geometry = read_volume(entry.image)
+    image, geometry = volume if volume is not None else read_volume(entry.image)
     bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
     if bad:
         raise DataError(f"patient {entry.patient}: image {entry.image} has {bad} NaN or infinite voxels")
@@ -195,6 +201,13 @@ def parse_mask_cell(base: Path, cell: str) -> MaskSpec:
 
 def read_manifest(csv_path: Path, organs: list[str]) -> dict[str, Entry]:
     """Read a manifest CSV (columns patient, image, optional landmarks, mask:<organ> per organ)."""
+    if csv_path.is_dir() and (csv_path / "dataset.json").is_file():
+        raise DataError(
+            f"manifest {csv_path} is a folder in nnU-Net layout; "
+            f"use data.source = \"nnunet\" with data.nnunet.root = \"{csv_path}\""
+        )
+    if csv_path.is_dir():
+        raise DataError(f"manifest {csv_path}: is a folder; expected a CSV file")
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path}: file not found")
     base = csv_path.parent
@@ -394,6 +407,7 @@ class PhantomSource(EntrySource):
 def register_datasets(register):
     register(ManifestSource)
     register(VisceralSource)
+    register(NnUNetSource)
     register(PhantomSource)
 
 

@@ -394,12 +394,12 @@ class Landmarks(Task):
         return mse.clamp_min(1e-12).sqrt()  # the clamp keeps the gradient finite at a perfect fit
 
     def metrics(self) -> dict[str, MetricInfo]:
-        out = {"rmse": MetricInfo(False)}
+        out = {"rmse": MetricInfo(False, "", (0.0, None))}
         for name in self.info.landmarks:
-            out[f"error_mm_{name}"] = MetricInfo(False, "mm")
-        out["error_mm_mean"] = MetricInfo(False, "mm")
+            out[f"error_mm_{name}"] = MetricInfo(False, "mm", (0.0, None))
+        out["error_mm_mean"] = MetricInfo(False, "mm", (0.0, None))
         for r in DETECT_RADII_MM:
-            out[f"detect_{r}mm"] = MetricInfo(True)
+            out[f"detect_{r}mm"] = MetricInfo(True, "", (0.0, 1.0))
         return out
 
     def main_metric(self) -> str:

@@ -68,11 +68,18 @@ class GradNorm(Strategy):
     Params: ClassVar[type[api.Params]] = GradNormParams
 
     def __init__(self, params: GradNormParams, tasks: list[str], main_task: str) -> None:
-        import torch
-
         super().__init__(params, tasks, main_task)
-        self.weights = torch.nn.Parameter(torch.ones(len(self.all_tasks), dtype=torch.float32))
+        self._weights: Any = None
         self.initial: dict[str, float] = {}
+
+    @property
+    def weights(self) -> "torch.nn.Parameter":
+        """The task weights, created on first use (so validating a config does not import torch)."""
+        if self._weights is None:
+            import torch
+
+            self._weights = torch.nn.Parameter(torch.ones(len(self.all_tasks), dtype=torch.float32))
+        return self._weights
 
     def parameters(self) -> list[Any]:
         if self.params.lr is None:
@@ -237,13 +244,20 @@ class FAMO(Strategy):
     Params: ClassVar[type[api.Params]] = FAMOParams
 
     def __init__(self, params: FAMOParams, tasks: list[str], main_task: str) -> None:
-        import torch
-
         super().__init__(params, tasks, main_task)
         for key in params.min_losses:
             check_task(key, self.all_tasks, "famo min_losses")
-        self.logits = torch.nn.Parameter(torch.zeros(len(self.all_tasks), dtype=torch.float32))
+        self._logits: Any = None
         self.previous: list[float] | None = None
+
+    @property
+    def logits(self) -> "torch.nn.Parameter":
+        """The task logits xi, created on first use (so validating a config does not import torch)."""
+        if self._logits is None:
+            import torch
+
+            self._logits = torch.nn.Parameter(torch.zeros(len(self.all_tasks), dtype=torch.float32))
+        return self._logits
 
     def parameters(self) -> list[Any]:
         return [{"params": [self.logits], "lr": float(self.params.lr), "weight_decay": float(self.params.gamma)}]

@@ -70,7 +70,7 @@ class Segmentation(Task):
         out: dict[str, MetricInfo] = {}
         kinds = ["iou", "dice"] + (["hd95"] if self.params.hd95 else [])
         for kind in kinds:
-            info = MetricInfo(False, "mm") if kind == "hd95" else MetricInfo(True)
+            info = MetricInfo(False, "mm", (0.0, None)) if kind == "hd95" else MetricInfo(True, "", (0.0, 1.0))
             for organ in self.info.organs:
                 out[f"{kind}_{organ}"] = info
             out[f"{kind}_mean"] = info

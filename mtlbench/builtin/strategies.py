@@ -193,12 +193,20 @@ class Uncertainty(Strategy):
     Params: ClassVar[type[api.Params]] = UncertaintyParams
 
     def __init__(self, params: UncertaintyParams, tasks: list[str], main_task: str) -> None:
-        import torch
-
         super().__init__(params, tasks, main_task)
-        self.log_variances: dict[str, torch.nn.Parameter] = {
-            t: torch.nn.Parameter(torch.full((), float(params.init), dtype=torch.float32)) for t in self.all_tasks
-        }
+        self._log_variances: dict[str, Any] | None = None
+
+    @property
+    def log_variances(self) -> dict[str, "torch.nn.Parameter"]:
+        """The s_t, created on first use (so validating a config does not import torch)."""
+        if self._log_variances is None:
+            import torch
+
+            self._log_variances = {
+                t: torch.nn.Parameter(torch.full((), float(self.params.init), dtype=torch.float32))
+                for t in self.all_tasks
+            }
+        return self._log_variances
 
     def parameters(self) -> list[Any]:
         params = list(self.log_variances.values())

@@ -42,12 +42,15 @@ def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
 
     directions: dict[str, bool] = {}
     units: dict[str, str] = {}
+    bounds: dict[str, list[float | None]] = {}
     aux: list[str] = []
     for label, task in make_tasks(cfg).items():
         for key, m in task.metrics().items():
             directions[f"{label}/{key}"] = m.higher_is_better
             if m.unit:
                 units[f"{label}/{key}"] = m.unit
+            if any(b is not None for b in m.bounds):
+                bounds[f"{label}/{key}"] = list(m.bounds)
         if label != cfg.experiment.main_task:
             aux.append(f"{label}/{task.main_metric()}")
     return {
@@ -56,6 +59,7 @@ def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
         "baseline": cfg.experiment.baseline,
         "directions": directions,
         "units": units,
+        "bounds": bounds,
         "organs": list(cache_info.organs),
         "landmarks": list(cache_info.landmarks),
         "aux_metrics": aux,

@@ -339,10 +339,21 @@ def build_leaderboard(results: dict[str, Any], metric: str | None = None) -> dic
     return _jsonable(board)
 
 
+def clip_to_bounds(meta: dict[str, Any], metric: str, low: float, high: float) -> tuple[float, float]:
+    """A confidence interval clipped to the metric's range (``meta.bounds``, from ``MetricInfo.bounds``)."""
+    lo, hi = ((meta.get("bounds") or {}).get(metric) or [None, None])[:2]
+    if lo is not None and not math.isnan(low):
+        low = max(low, float(lo))
+    if hi is not None and not math.isnan(high):
+        high = min(high, float(hi))
+    return low, high
+
+
 def _row(g: RowGroup, metric: str, organ_keys: dict[str, str], aux_key: str | None, meta: dict[str, Any]) -> dict[str, Any]:
     done = g.completed
     folds = fold_values(done, metric)
     desc = describe([f["value"] for f in folds])
+    desc["ci_low"], desc["ci_high"] = clip_to_bounds(meta, metric, desc["ci_low"], desc["ci_high"])
     organs = {name: describe([f["value"] for f in fold_values(done, key)])["mean"] for name, key in organ_keys.items()}
     aux = None
     if aux_key is not None:
