@@ -317,6 +317,19 @@ def leaderboard_cmd(
         render_leaderboard(board, console())
 
 
+@app.command("export")
+@handle_errors
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the CSV files (default: the run folder)."),
+) -> None:
+    """Write the run's results as CSV: trials.csv (one row per trial) and patients.csv (per trial and test patient)."""
+    from mtlbench.report.export import export_csv
+
+    for path in export_csv(run_dir, out):
+        typer.echo(str(path))
+
+
 @app.command("report")
 @handle_errors
 def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:

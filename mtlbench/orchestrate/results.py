@@ -73,9 +73,14 @@ def metric_meta(cfg: Config, cache_info: Any) -> dict[str, Any]:
 
 def write_results(run_dir: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     """Write results.json atomically; trial records are stored without their config copy (``meta.config`` has it once)."""
+    from mtlbench.report.leaderboard import group_rows
+
+    labels = {id(t): g.label for g in group_rows({"trials": records}) for t in g.trials}
     trials = []
     for rec in records:
+        label = labels.get(id(rec))
         rec = {k: v for k, v in rec.items() if k not in ("config", "folds")}
+        rec["label"] = label  # the leaderboard row the trial belongs to
         if rec.get("dir"):  # relative, so a run folder can be moved or shared
             d = Path(rec["dir"])
             rec["dir"] = str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else str(d)
