@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mtlbench import hookimpl
 from mtlbench.api import DatasetSource, Params, Patient, SourceRequest
@@ -373,6 +373,240 @@ class VisceralSource(EntrySource):
             if match is not None:
                 return self.root / self.params.landmarks / match
         return None
+
+
+# ----------------------------------------------------------------------------- nnU-Net / Medical Segmentation Decathlon
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _label_value(value, key: str, where: str) -> int | list[int]:
+    """A dataset.json label value: an int (a digit string is accepted), or a list of ints (a region)."""
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        return value
+    elif isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise DataError(f"{where}: labels[{key!r}] = {value!r} is neither a label value (int) nor a region (list of ints)")
+
+
+def read_nnunet_labels(raw, where: str) -> dict[str, int | list[int]]:
+    """dataset.json's ``labels`` as name -> value (int, or list of ints for an nnU-Net v2 region).
+
+    nnU-Net v2 writes ``{"background": 0, "kidney": 1}``; the Decathlon (MSD) writes
+    ``{"0": "background", "1": "kidney"}``: both are accepted.
+    """
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{where}: 'labels' must be a non-empty table of label names and values")
+    if all(str(k).strip().isdigit() for k in raw) and all(isinstance(v, str) for v in raw.values()):  # MSD
+        return {str(name): int(value) for value, name in raw.items()}
+    return {str(name): _label_value(value, str(name), where) for name, value in raw.items()}
+
+
+class NnUNetSource(EntrySource):
+    name = "nnunet"
+    description = "an nnU-Net v2 / Decathlon folder: imagesTr/<case>_0000, labelsTr/<case> label maps, dataset.json"
+
+    class Params(Params):
+        root: str
+        organ_labels: dict[str, str | int] = {}
+        landmarks: str | None = None
+        channel: Annotated[int, Field(ge=0, le=9999)] = 0
+
+        @model_validator(mode="before")
+        @classmethod
+        def _path_is_root(cls, data):
+            # ``[data] nnunet = "/data/Dataset003_Liver"`` arrives as {"path": ...}
+            if isinstance(data, dict) and "path" in data and "root" not in data:
+                data = {("root" if k == "path" else k): v for k, v in data.items()}
+            return data
+
+    def __init__(self, params, request) -> None:
+        super().__init__(params, request)
+        self.root = Path(params.root).expanduser().resolve()
+        self._stacked: set[str] = set()  # cases whose image has no channel suffix (MSD: maybe 4D)
+
+    # -- dataset.json
+
+    def dataset_json(self) -> tuple[Path, dict]:
+        import json
+
+        path = self.root / "dataset.json"
+        if not self.root.is_dir():
+            raise DataError(f"nnunet: folder not found: {self.root} (data.nnunet.root)")
+        if not path.is_file():
+            inner = sorted(d.name for d in self.root.iterdir() if (d / "dataset.json").is_file())
+            hint = f"; it holds the datasets {', '.join(inner[:8])}: set data.nnunet.root to one of them" if inner else ""
+            raise DataError(f"nnunet: no dataset.json in {self.root} (data.nnunet.root){hint}")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}: expected a JSON object")
+        if "labels" not in meta:
+            raise DataError(f"{path}: no 'labels' key (label name -> value)")
+        return path, meta
+
+    def organ_values(self, where: Path, labels: dict[str, int | list[int]]) -> dict[str, int]:
+        """Each configured organ's label value, by ``organ_labels`` or by name."""
+        by_norm: dict[str, str] = {}
+        for name in labels:
+            by_norm.setdefault(_norm_label(name), name)
+        declared = {v for value in labels.values() for v in (value if isinstance(value, list) else [value])}
+        names = ", ".join(labels)
+        values = {}
+        for organ in self.request.organs:
+            wanted = self.params.organ_labels.get(organ, organ)
+            key = f"data.nnunet.organ_labels.{organ}"
+            if isinstance(wanted, str) and _norm_label(wanted) in by_norm:
+                name = by_norm[_norm_label(wanted)]
+                value = labels[name]
+                if isinstance(value, list) and len(value) == 1:
+                    value = value[0]
+                if isinstance(value, list):
+                    raise DataError(
+                        f"nnunet: organ {organ!r} is the region label {name!r} = {value} of {where}; a region "
+                        f"(several label values) cannot be one organ's mask: set {key} to one label value"
+                    )
+            elif isinstance(wanted, int) or (isinstance(wanted, str) and wanted.strip().isdigit()):
+                value = int(wanted)
+                if value not in declared:
+                    raise DataError(
+                        f"nnunet: {key} = {value} is not a label value of {where} "
+                        f"(labels: {', '.join(f'{n} = {v}' for n, v in labels.items())})"
+                    )
+            elif organ in self.params.organ_labels:
+                raise DataError(f"nnunet: {key} = {wanted!r} is not a label of {where} (labels: {names})")
+            else:
+                raise DataError(
+                    f"nnunet: organ {organ!r} is not a label of {where} (labels: {names}); "
+                    f"set {key} to a label name or value"
+                )
+            if value == 0:
+                raise DataError(f"nnunet: organ {organ!r} would be label 0 (background) of {where}; set {key}")
+            values[organ] = value
+        return values
+
+    # -- cases
+
+    def read_entries(self) -> dict[str, Entry]:
+        import logging
+
+        where, meta = self.dataset_json()
+        ending = meta.get("file_ending", ".nii.gz")
+        if not isinstance(ending, str) or not ending.startswith("."):
+            raise DataError(f"{where}: file_ending {ending!r} must be a suffix such as \".nii.gz\"")
+        channels = meta.get("channel_names", meta.get("modality"))
+        channel = self.params.channel
+        if isinstance(channels, dict) and channels and str(channel) not in {str(k) for k in channels}:
+            shown = ", ".join(f"{k} = {v}" for k, v in channels.items())
+            raise DataError(f"nnunet: data.nnunet.channel = {channel} is not a channel of {where} ({shown})")
+        values = self.organ_values(where, read_nnunet_labels(meta["labels"], str(where)))
+        images_dir, labels_dir = self.root / "imagesTr", self.root / "labelsTr"
+        for folder in (images_dir, labels_dir):
+            if not folder.is_dir():
+                raise DataError(f"nnunet: folder not found: {folder} (data.nnunet.root = {self.root})")
+
+        def cases(folder: Path) -> dict[str, Path]:  # hidden files ('._x' from macOS archives) are skipped
+            return {
+                f.name[: -len(ending)]: f
+                for f in sorted(folder.iterdir())
+                if f.name.endswith(ending) and len(f.name) > len(ending) and not f.name.startswith(".")
+            }
+
+        labels, images = cases(labels_dir), cases(images_dir)
+        if not labels:
+            raise DataError(f"nnunet: no label maps (<case>{ending}) in {labels_dir}")
+        for stem, path in images.items():
+            m = _CHANNEL.match(stem)
+            if stem not in labels and not (m and m["case"] in labels):
+                case = m["case"] if m else stem
+                raise DataError(f"nnunet: image {path} has no label map {labels_dir / (case + ending)}")
+        lm_dir = None
+        if self.params.landmarks is not None:
+            lm_dir = self.root / Path(self.params.landmarks).expanduser()
+            if not lm_dir.is_dir():
+                raise DataError(f"nnunet: landmark folder not found: {lm_dir} (data.nnunet.landmarks)")
+        entries = {}
+        self._stacked = set()
+        for case, label_path in labels.items():
+            suffixed = f"{case}_{channel:04d}"
+            if suffixed in images:
+                image = images[suffixed]
+            elif case in images:
+                image = images[case]
+                self._stacked.add(case)
+            else:
+                others = sorted(s for s in images if (m := _CHANNEL.match(s)) and m["case"] == case)
+                found = ", ".join(images[s].name for s in others)
+                found = f" (found {found}; data.nnunet.channel = {channel})" if others else ""
+                raise DataError(
+                    f"nnunet: label map {label_path} has no image {images_dir / (suffixed + ending)}{found}"
+                )
+            masks = {organ: MaskSpec(label_path, value) for organ, value in values.items()}
+            entries[case] = Entry(case, image, masks, self._landmark_file(lm_dir, case), manifest=where)
+        expected = meta.get("numTraining")
+        if isinstance(expected, int) and not isinstance(expected, bool) and expected != len(entries):
+            logging.getLogger("mtlbench.data").warning(
+                "nnunet: %s says numTraining = %d, but %s holds %d labelled cases with images",
+                where, expected, self.root, len(entries),
+            )
+        return entries
+
+    @staticmethod
+    def _landmark_file(lm_dir: Path | None, case: str) -> Path | None:
+        if lm_dir is None:
+            return None
+        for suffix in (".fcsv", ".mrk.json"):
+            if (lm_dir / (case + suffix)).is_file():
+                return lm_dir / (case + suffix)
+        return None
+
+    def load(self, patient_id: str) -> Patient:
+        entry = self.entry(patient_id)
+        if patient_id not in self._stacked:
+            return load_entry(entry, self.request)
+        return load_entry(entry, self.request, self._channel_volume(entry))
+
+    def _channel_volume(self, entry: Entry):
+        """An image without a channel suffix (the Decathlon's form): 3D, or 4D with the channels last."""
+        import SimpleITK as sitk
+
+        from mtlbench.data.io import geometry_of
+
+        channel = self.params.channel
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(entry.image))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None  # not readable here: load_entry reports it
+        if reader.GetDimension() != 4:
+            if channel != 0:
+                raise DataError(
+                    f"nnunet: image {entry.image} is {reader.GetDimension()}D, so it has no channel {channel} "
+                    f"(data.nnunet.channel)"
+                )
+            return None
+        size = list(reader.GetSize())
+        if channel >= size[3]:
+            raise DataError(
+                f"nnunet: image {entry.image} has {size[3]} channels, not channel {channel} (data.nnunet.channel)"
+            )
+        try:
+            image = sitk.ReadImage(str(entry.image))
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or ["unknown error"])[-1][:300]
+            raise DataError(f"{entry.image}: cannot read volume: {reason}") from None
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            n = image.GetNumberOfComponentsPerPixel()
+            raise DataError(f"{entry.image}: has {n} components per voxel; expected a scalar volume")
+        volume = sitk.Extract(image, size[:3] + [0], [0, 0, 0, channel])
+        return sitk.GetArrayFromImage(volume), geometry_of(volume)
 
 
 # ----------------------------------------------------------------------------- phantom
