@@ -2,7 +2,8 @@
 # fresh machine: a virtual environment, torch pinned (a CPU-only machine takes the
 # local CPU wheel; on a GPU machine the same pin resolves to PyPI's CUDA build),
 # then mtlbench itself with its test extra, then the out-of-tree plugins under
-# plugins/ exactly as a third party installs them (pip install ./plugins/NAME).
+# plugins/ exactly as a third party installs them (pip install ./plugins/NAME;
+# mtlbench-torchjd with all its aggregators' extras).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml Makefile $(PLUGIN_FILES)
 	$(BIN)/python -m pip install -q "setuptools>=68" wheel
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q $(addprefix ./,$(PLUGINS))
+	$(BIN)/python -m pip install -q $(patsubst %/mtlbench-torchjd/,%/mtlbench-torchjd[full],$(addprefix ./,$(PLUGINS)))
 	rm -rf plugins/*/build plugins/*/*.egg-info
 	touch $(STAMP)
 

@@ -137,8 +137,8 @@ def make_strategy(
     validated = validate_params(cls.Params, params, f"strategies.{label}.params")
     try:  # strategies check their params against the tasks (e.g. joint's weights)
         strategy = cls(validated, list(cfg.tasks), cfg.experiment.main_task)
-    except ConfigError as exc:
-        raise ConfigError(f"strategies.{label}: {exc}") from None
+    except (ConfigError, PluginError) as exc:
+        raise type(exc)(f"strategies.{label}: {exc}") from None
     unknown = [t for t in strategy.model_tasks() if t not in cfg.tasks]
     if unknown:
         raise ConfigError(f"strategies.{label}: asks for unknown tasks: {', '.join(unknown)}")

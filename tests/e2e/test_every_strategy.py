@@ -52,6 +52,15 @@ gpus_per_trial = 0
 """
 
 
+#: Parameters for the strategies that have required ones (torchjd's; the rest run at their defaults).
+REQUIRED = {
+    "jd_cagrad": {"c": 0.4},
+    "jd_fairgrad": {"alpha": 1.0},
+    "jd_constant": {"weights": [1.0, 1.0]},
+    "jd_trimmedmean": {"trim_number": 0},
+}
+
+
 def buildable_strategies() -> tuple[list[str], dict[str, str]]:
     from mtlbench.assemble import make_strategy
     from mtlbench.config import validate_config
@@ -63,7 +72,7 @@ def buildable_strategies() -> tuple[list[str], dict[str, str]]:
     for name in manager.registry("strategies").names():
         cfg = validate_config({"strategies": {"single": {}, "s": {"use": name}}})
         try:
-            make_strategy(cfg, "s", {}, manager)
+            make_strategy(cfg, "s", REQUIRED.get(name, {}), manager)
         except MtlbenchError as exc:
             skipped[name] = str(exc)
             continue
@@ -77,8 +86,14 @@ def test_every_strategy_runs(tmp_path):
     for name, why in skipped.items():
         assert "\n" not in why and why, name  # a one-line reason
     assert len(names) >= 11
+    if any(n.startswith("jd_") for n in names):  # mtlbench-torchjd installed, as make installs it
+        assert len(names) + len(skipped) >= 25
     cfg = tmp_path / "every.toml"
-    cfg.write_text(BASE + "".join(f'\n[strategies.{n}]\nuse = "{n}"\n' for n in names))
+    tables = []
+    for n in names:
+        params = ", ".join(f"{k} = {json.dumps(v)}" for k, v in REQUIRED.get(n, {}).items())
+        tables.append(f'\n[strategies.{n}]\nuse = "{n}"\n' + (f"params = {{ {params} }}\n" if params else ""))
+    cfg.write_text(BASE + "".join(tables))
     env = dict(os.environ, MTLBENCH_CACHE_DIR=str(tmp_path / "cache"), COLUMNS="200")
     out = tmp_path / "run"
     r = subprocess.run([MTLBENCH, "run", str(cfg), "--out", str(out)], capture_output=True, text=True, env=env,
