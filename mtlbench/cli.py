@@ -259,6 +259,7 @@ def run_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<experiment>-<timestamp>)."),
     address: Optional[str] = typer.Option(None, "--address", help="Attach to a Ray cluster (else RAY_ADDRESS, else local)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out without redoing finished trials."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip report.md and the plots (make them later with `mtlbench report`)."),
 ) -> None:
     """Run every fold x strategy x parameter x seed trial on Ray Tune; print the leaderboard."""
     from mtlbench.errors import ConfigError
@@ -296,6 +297,9 @@ def run_cmd(
     results = run_experiment(cfg, run_dir, address=address, resume=resume, console=out_console)
     board = build_leaderboard({"meta": results["meta"], "trials": results["trials"]})
     render_leaderboard(board, out_console)
+    if no_report:
+        out_console.print(f"results: {results['path']}")
+        return
     report = write_report(run_dir)
     out_console.print(f"results: {results['path']}\nreport: {report}")
 

@@ -140,7 +140,9 @@ def test_leaderboard_json(run, env):
     nan = next(row for row in rows if row["strategy"] == "nan")
     assert nan["diverged"] == 2
     joint = [row for row in rows if row["strategy"] == "joint"]
-    assert len(joint) == 2 and all(row["vs_baseline"]["n"] == 4 for row in joint)
+    # the deciding test pairs the 2 folds; the patient-level reference pairs the 4 test patients
+    assert len(joint) == 2 and all(row["vs_baseline"]["n"] == 2 and row["vs_baseline"]["unit"] == "fold x seed" for row in joint)
+    assert all(row["vs_baseline"]["patient_level"]["n"] == 4 for row in joint)
 
 
 def test_plots_and_report(run, env):
