@@ -21,6 +21,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Parameters for the strategies that have required ones (as in tests/e2e/test_every_strategy.py).
+REQUIRED = {
+    "jd_cagrad": {"c": 0.4},
+    "jd_fairgrad": {"alpha": 1.0},
+    "jd_constant": {"weights": [1.0, 1.0]},
+    "jd_trimmedmean": {"trim_number": 0},
+}
+
+
+def _sets(name: str) -> list[str]:
+    import json as _json
+
+    out = [f'strategies.bench.use="{name}"']
+    out += [f"strategies.bench.params.{k}={_json.dumps(v)}" for k, v in REQUIRED.get(name, {}).items()]
+    return out
 
 
 def child(name: str, steps: int) -> dict:
@@ -42,12 +57,12 @@ def child(name: str, steps: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = load_config(ROOT / "benchmarks" / "kidney.toml", "cpu", ["data.phantom.patients=6", "experiment.folds=2",
-                                                                     f'strategies.bench.use="{name}"'])
+                                                                     *_sets(name)])
     cache = build_cache(cfg)
     info = open_cache(cache)
     folds = make_folds(list(info.patients), 2, 0)
     data = load_slices(cache, folds[0]["train"])
-    comp = build_components(cfg, TrialSpec(fold=0, strategy="bench"))
+    comp = build_components(cfg, TrialSpec(fold=0, strategy="bench", params=REQUIRED.get(name, {})))
     model = make_model(cfg, comp).to(memory_format=torch.channels_last)
     strategy = comp.strategy
     groups = [{"params": list(model.parameters())}]
@@ -94,9 +109,9 @@ def strategies() -> list[str]:
 
     names = []
     for name in get_manager().registry("strategies").names():
-        cfg = load_config(ROOT / "benchmarks" / "kidney.toml", "cpu", [f'strategies.bench.use="{name}"'])
+        cfg = load_config(ROOT / "benchmarks" / "kidney.toml", "cpu", _sets(name))
         try:
-            make_strategy(cfg, "bench", {})
+            make_strategy(cfg, "bench", REQUIRED.get(name, {}))
         except MtlbenchError as exc:  # needs parameters or an extra that is not installed
             print(f"skipped {name}: {exc}", file=sys.stderr)
             continue
