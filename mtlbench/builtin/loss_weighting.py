@@ -18,25 +18,13 @@ from pydantic import Field
 
 from mtlbench import api, hookimpl
 from mtlbench.api import StepContext, Strategy
-from mtlbench.builtin.strategies import Seed, Weight, check_task, step_rng
+from mtlbench.builtin.strategies import Seed, Weight, check_task, step_rng, task_weights, weighted_backward
 from mtlbench.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-
-
-def weighted_backward(losses: dict[str, "torch.Tensor"], weights: dict[str, float]) -> None:
-    """``sum_t weights[t] * losses[t]``, backward (tasks with weight 0 or no loss are skipped)."""
-    total = None
-    for task, loss in losses.items():
-        w = float(weights.get(task, 0.0))
-        if w == 0.0:
-            continue
-        total = loss * w if total is None else total + loss * w
-    if total is not None:
-        total.backward()
 
 
 # ----------------------------------------------------------------------------- GradNorm
@@ -327,9 +315,7 @@ class EarlyStopAuxiliary(Strategy):
 
     def __init__(self, params: EarlyStopParams, tasks: list[str], main_task: str) -> None:
         super().__init__(params, tasks, main_task)
-        for key in params.weights:
-            check_task(key, self.all_tasks, "early_stop weights")
-        self.weights = {t: float(params.weights.get(t, 1.0)) for t in self.all_tasks}
+        self.weights = task_weights(params.weights, self.all_tasks, "early_stop weights")
         if not self.weights.get(main_task, 0.0) and main_task in self.weights:
             raise ConfigError("strategies: early_stop weights: the main task's weight must be positive")
         self.stopped: dict[str, int] = {}  # task -> the epoch after which it stopped (from 1)

@@ -42,6 +42,25 @@ def check_task(label: str, tasks: list[str], where: str) -> None:
     raise ConfigError(f"strategies: {where}: unknown task {label!r}{extra}; tasks: {', '.join(tasks)}")
 
 
+def task_weights(weights: dict[str, float], tasks: list[str], where: str) -> dict[str, float]:
+    """Every task's weight (default 1) after checking that each key of ``weights`` is a task."""
+    for key in weights:
+        check_task(key, tasks, where)
+    return {t: float(weights.get(t, 1.0)) for t in tasks}
+
+
+def weighted_backward(losses: dict[str, "torch.Tensor"], weights: dict[str, float]) -> None:
+    """``sum_t weights[t] * losses[t]``, backward (a task with weight 0 or no loss is skipped: its tail keeps grad None)."""
+    total = None
+    for task, loss in losses.items():
+        w = float(weights.get(task, 0.0))
+        if w == 0.0:
+            continue
+        total = loss * w if total is None else total + loss * w
+    if total is not None:
+        total.backward()
+
+
 def step_rng(seed: int, step: int) -> Any:
     """A numpy Generator that depends only on (seed, step), so a resumed run draws the same."""
     import numpy as np
@@ -92,22 +111,12 @@ class Joint(Strategy):
 
     def __init__(self, params: JointParams, tasks: list[str], main_task: str) -> None:
         super().__init__(params, tasks, main_task)
-        for key in params.weights:
-            check_task(key, self.all_tasks, "joint weights")
-        self.weights = {t: float(params.weights.get(t, 1.0)) for t in self.all_tasks}
+        self.weights = task_weights(params.weights, self.all_tasks, "joint weights")
         if not any(self.weights.values()):
             raise ConfigError("strategies: joint weights: every task's weight is 0; at least one must be positive")
 
     def backward(self, losses: dict[str, "torch.Tensor"], ctx: StepContext) -> dict[str, Any]:
-        total = None
-        for task in self.all_tasks:
-            weight = self.weights[task]
-            if task not in losses or weight == 0.0:
-                continue  # a zero weight contributes nothing; its tail keeps grad None
-            term = losses[task] * weight
-            total = term if total is None else total + term
-        if total is not None:
-            total.backward()
+        weighted_backward(losses, self.weights)
         return {f"weight/{t}": self.weights[t] for t in self.all_tasks if t in losses}
 
 
@@ -131,11 +140,10 @@ class Alternate(Strategy):
 
     def __init__(self, params: AlternateParams, tasks: list[str], main_task: str) -> None:
         super().__init__(params, tasks, main_task)
-        for key in params.weights:
-            check_task(key, self.all_tasks, "alternate weights")
+        weights = task_weights(params.weights, self.all_tasks, "alternate weights")
         if params.weights and params.order != "weighted":
             raise ConfigError("strategies: alternate weights are used only with order = 'weighted'")
-        w = [float(params.weights.get(t, 1.0)) for t in self.all_tasks]
+        w = list(weights.values())
         if sum(w) <= 0:
             raise ConfigError("strategies: alternate weights: every task's weight is 0; at least one must be positive")
         self.probabilities = [v / sum(w) for v in w]
