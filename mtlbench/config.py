@@ -21,25 +21,36 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from mtlbench.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A config table: unknown keys, inf and nan are errors (a trial would only fail on them later)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+# Whole numbers and booleans are strict: ``epochs = true`` or ``enabled = 1`` is an
+# error, not a silent 1 / True (pydantic's lax mode would coerce them).
+Int = StrictInt
+Bool = StrictBool
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+def pooling_divisor(widths: list[int]) -> int:
+    """What a slice's height and width must be divisible by for a U-Net with these level widths."""
+    return 2 ** (len(widths) - 1)
 LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 class ExperimentConfig(Section):
     name: str = "experiment"
 
-    folds: Annotated[int, Field(ge=2)] = 5
-    fold_seed: int = 0
-    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    folds: Annotated[Int, Field(ge=2)] = 5
+    fold_seed: Int = 0
+    seeds: Annotated[list[Int], Field(min_length=1)] = [0]
     main_task: str = "segmentation"
     main_metric: str = "iou_mean"
     baseline: str = "single"
@@ -97,25 +108,25 @@ class PreprocessConfig(Section):
 class ModelConfig(Section):
     widths: Annotated[list[PositiveInt], Field(min_length=2)] = [64, 128, 256, 512, 1024]
     in_channels: PositiveInt = 1
-    coordinates: bool = False
+    coordinates: Bool = False
 
 
 class TrainConfig(Section):
     epochs: PositiveInt = 50
     batch_size: PositiveInt = 8
     lr: Annotated[float, Field(gt=0)] = 1e-4
-    lr_decay_epoch: Annotated[int, Field(ge=0)] = 10
+    lr_decay_epoch: Annotated[Int, Field(ge=0)] = 10
     lr_decay_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     slices_per_epoch: PositiveInt | None = None
     foreground_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     eval_every: PositiveInt = 1
-    grad_norm_every: Annotated[int, Field(ge=0)] = 25
+    grad_norm_every: Annotated[Int, Field(ge=0)] = 25
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class AugmentConfig(Section):
-    enabled: bool = True
+    enabled: Bool = True
     rotation_deg: tuple[float, float] = (-10.0, 10.0)
     scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.9, 1.1)
     translation: tuple[float, float] = (0.0, 0.0)
@@ -131,7 +142,7 @@ class TaskEntry(Section):
 
 class StrategyEntry(Section):
     use: str | None = None
-    enabled: bool = True
+    enabled: Bool = True
     params: dict[str, Any] = {}
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     train: dict[str, Any] = {}
@@ -152,7 +163,7 @@ class ResourcesConfig(Section):
 
 
 class RunConfig(Section):
-    max_failures: Annotated[int, Field(ge=0)] = 0
+    max_failures: Annotated[Int, Field(ge=0)] = 0
     storage_path: str | None = None
     out_dir: str = "runs"
 
@@ -194,6 +205,13 @@ class Config(Section):
             )
         if not any(s.enabled for s in self.strategies.values()):
             raise ValueError("strategies: no strategy is enabled")
+        divisor = pooling_divisor(self.model.widths)
+        h, w = self.preprocess.slice_size
+        if h % divisor or w % divisor:
+            raise ValueError(
+                f"preprocess.slice_size {h}x{w} must be divisible by {divisor} "
+                f"(2 ** (len(model.widths) - 1) for model.widths {self.model.widths})"
+            )
         return self
 
     def task_use(self, label: str) -> str:

@@ -204,3 +204,31 @@ def test_fractional_gpus_above_one_rejected():
     with pytest.raises(ConfigError, match="resources.gpus_per_trial"):
         validate_config({"resources": {"gpus_per_trial": 1.5}})
     assert validate_config({"resources": {"gpus_per_trial": 2}}).resources.gpus_per_trial == 2
+
+
+@pytest.mark.parametrize(
+    "old, new, key",
+    [
+        ("epochs = 4", "epochs = true", "train.epochs"),  # a boolean is not a whole number
+        ("epochs = 4", "epochs = 4.5", "train.epochs"),
+        ("batch_size = 2", "batch_size = 2\nlr = inf", "train.lr"),
+        ("batch_size = 2", "batch_size = 2\nlr = nan", "train.lr"),
+        ("batch_size = 2", "batch_size = 2\nlr_decay_factor = -inf", "train.lr_decay_factor"),
+        ("[strategies.single]", "[strategies.single]\nenabled = 1", "strategies.single.enabled"),
+        ("folds = 3", "folds = 3\nseeds = [0, true]", "experiment.seeds"),
+    ],
+)
+def test_values_a_trial_would_reject_are_config_errors(tmp_path, old, new, key):
+    """Strict whole numbers and booleans, finite floats: found at load time, not inside every trial."""
+    p = write(tmp_path, BASE.replace(old, new, 1))
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert key in msg and str(p) in msg and "\n" not in msg
+
+
+def test_slice_size_must_fit_the_model_depth(tmp_path):
+    p = write(tmp_path, BASE.replace("preprocess = { slice_size = [64, 64] }", "preprocess = { slice_size = [30, 30] }"))
+    load_config(p, profile="small")  # widths [8, 16] pool once: 30 x 30 fits
+    with pytest.raises(ConfigError, match=r"preprocess.slice_size 30x30 must be divisible by 16 .*model.widths"):
+        load_config(p, sets=["preprocess.slice_size=[30, 30]"])  # the base's 5 widths pool 4 times

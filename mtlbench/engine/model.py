@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mtlbench.errors import ConfigError
+from mtlbench.config import pooling_divisor
 
 if TYPE_CHECKING:  # pragma: no cover
     from mtlbench.api import Head, Task
@@ -56,7 +57,7 @@ class UNetTrunk(nn.Module):
         self.in_channels = int(in_channels)
         self.widths = widths
         self.levels = len(widths)
-        self.divisor = 2 ** (self.levels - 1)
+        self.divisor = pooling_divisor(widths)
         self.out_channels = 2 * widths[0]
         self.encoders = nn.ModuleList()
         prev = self.in_channels + (2 if self.coordinates else 0)
