@@ -25,6 +25,8 @@ from mtlbench.errors import ConfigError, DataError
 from mtlbench.fsutil import write_text
 from mtlbench.orchestrate.grid import expand
 from mtlbench.orchestrate.results import (
+    RESULTS,
+    TRIALS,
     finished_record,
     metric_meta,
     read_record,
@@ -101,16 +103,58 @@ def run_experiment(
     """
     from rich.console import Console
 
-    from mtlbench.data.cache import build_cache, load_slices, open_cache
-    from mtlbench.data.folds import load_folds, make_folds, save_folds
-
     console = console or Console()
     run_dir = run_dir.resolve()
     if resume:
         if not (run_dir / RESOLVED).is_file():
             raise ConfigError(f"--resume: {run_dir} is not a run folder (no {RESOLVED})")
     elif (run_dir / RESOLVED).exists():
-        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+        if not _failed_start(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+        console.print(f"{run_dir}: taking over a start that finished no trial")
+        _remove_start(run_dir, created=False)
+    created = not run_dir.exists()
+    try:
+        return _run_in(cfg, run_dir, address=address, resume=resume, console=console, local=local)
+    except Exception:
+        # A start that fails before any trial finished leaves nothing in the way of
+        # the fixed command (Ctrl-C is not an Exception: its folder stays for --resume).
+        if not resume and _failed_start(run_dir):
+            _remove_start(run_dir, created=created)
+        raise
+
+
+#: What a run writes into its folder before the first trial finishes.
+_START_FILES = (RESOLVED, SPLITS, "ray.log")
+_START_DIRS = (TRIALS, "ray")
+
+
+def _failed_start(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a run that wrote no results and finished no trial."""
+    if (run_dir / RESULTS).exists():
+        return False
+    trials = run_dir / TRIALS
+    return not (trials.is_dir() and any(read_record(d) is not None for d in trials.iterdir() if d.is_dir()))
+
+
+def _remove_start(run_dir: Path, *, created: bool) -> None:
+    """Remove what a failed start wrote: the whole folder when this run created it, else only its own files."""
+    import shutil
+
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in _START_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in _START_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def _run_in(cfg: Config, run_dir: Path, *, address: str | None, resume: bool, console: Any, local: bool) -> dict[str, Any]:
+    """The body of :func:`run_experiment` once ``run_dir`` is known to be free (or resumed)."""
+    from mtlbench.data.cache import build_cache, load_slices, open_cache
+    from mtlbench.data.folds import load_folds, make_folds, save_folds
+
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / RESOLVED, to_toml(cfg))
 
