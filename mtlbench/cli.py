@@ -89,10 +89,14 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a key: --set train.epo
 
 
 def console() -> Any:
-    """A rich console for tables: the terminal's width, or 180 columns when writing to a file or pipe."""
+    """A rich console for tables: the terminal's width ($COLUMNS when set), else 120 columns for a file or pipe."""
+    import os
+
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=180)
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=120)
 
 
 def load(config: Path, profile: Optional[str], sets: Optional[List[str]], auto_profile: bool = False) -> Any:

@@ -321,3 +321,22 @@ def test_confidence_interval_is_clipped_to_the_metric_range():
     assert row["ci_low"] == 0.0 and 0 < row["ci_high"] < 1  # the t-interval would reach below 0
     unbounded = build_leaderboard({"meta": {**meta, "bounds": {}}, "trials": trials})["rows"][0]
     assert unbounded["ci_low"] < 0
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_narrow_terminal_cuts_no_number_and_no_label(board, width):
+    """Columns that do not fit are split over several tables; every cell is printed whole."""
+    from rich.console import Console
+
+    from mtlbench.report.leaderboard import display_label, leaderboard_columns
+
+    console = Console(record=True, width=width)
+    render_leaderboard(board, console)
+    out = console.export_text()
+    assert "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= width
+    for row in board["rows"]:
+        assert display_label(row) in out
+    for _, cells in leaderboard_columns(board):
+        for cell in cells:
+            assert getattr(cell, "plain", str(cell)) in out

@@ -463,40 +463,98 @@ def display_label(row: dict[str, Any]) -> str:
     return row["label"] + (" (baseline)" if row.get("is_baseline") else "")
 
 
+def leaderboard_columns(board: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """The board's data columns as (header, cells per row), in display order (rank and label are keys)."""
+    from rich.text import Text
+
+    rows = board["rows"]
+    cols: list[tuple[str, list[Any]]] = [
+        ("mean ± std", [fmt_mean_std(r) for r in rows]),
+        ("95% CI", [fmt_ci(r) for r in rows]),
+    ]
+    for organ in board["organ_metrics"]:
+        cols.append((organ, [fmt_num(r["organs"].get(o)) for r in rows for o in [organ]]))
+    if board.get("aux_metric"):
+        cols.append((f"{board['aux_metric']} (× trivial ref)", [fmt_aux(r) for r in rows]))
+    cols.append(
+        (
+            "Δ vs baseline (p Holm, n folds)",
+            [
+                Text(fmt_delta(r) + (" *" if r.get("better") else ""), style="green" if r.get("better") else "")
+                for r in rows
+            ],
+        )
+    )
+    cols.append(("ok/failed/diverged", [fmt_counts(r) for r in rows]))
+    return cols
+
+
+def _cell_width(cell: Any) -> int:
+    from rich.cells import cell_len
+
+    return cell_len(cell.plain if hasattr(cell, "plain") else str(cell))
+
+
+def _column_width(header: str, cells: list[Any]) -> int:
+    """The width a column needs with no cell cut: its widest cell, or its header's longest word (headers wrap)."""
+    return max([_cell_width(c) for c in cells] + [max(len(w) for w in header.split())])
+
+
+def _add_column(table: Any, header: str, cells: list[Any], **kwargs: Any) -> None:
+    """A column at least as wide as its widest cell, so rich wraps the header, never a number."""
+    table.add_column(header, width=_column_width(header, cells), overflow="fold", **kwargs)
+
+
+def pack_columns(key_width: int, widths: list[int], total: int) -> list[list[int]]:
+    """Greedy groups of column indices whose table (key columns + group) fits in ``total`` columns.
+
+    A rich table with box borders spends 3 columns per column (padding + rule) plus 1;
+    a column wider than any table could hold gets a table of its own.
+    """
+    groups: list[list[int]] = [[]]
+    used = key_width
+    for i, w in enumerate(widths):
+        if groups[-1] and used + w + 3 > total:
+            groups.append([])
+            used = key_width
+        groups[-1].append(i)
+        used += w + 3
+    return groups
+
+
 def render_leaderboard(board: dict[str, Any], console: Any = None) -> Any:
-    """Print the board as a rich Table followed by the rule; returns the Table."""
+    """Print the board as rich table(s) followed by the rule; returns the (first) Table.
+
+    No number or label is ever cut: when the columns do not fit the console's
+    width, the board is printed as several tables, each repeating the rank and
+    strategy columns, with the data columns split between them in order.
+    """
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
     arrow = "↑" if board["higher_is_better"] else "↓"
-    table = Table(title=f"mtlbench leaderboard: {board['metric']} ({arrow} better)")
-    table.add_column("#", justify="right")
-    table.add_column("strategy")
-    table.add_column(f"{board['metric']} mean ± std", justify="right")
-    table.add_column("95% CI", justify="right")
-    for organ in board["organ_metrics"]:
-        table.add_column(organ, justify="right")
-    if board.get("aux_metric"):
-        table.add_column(f"{board['aux_metric']} (× trivial ref)", justify="right")
-    table.add_column("Δ vs baseline (p Holm, n folds)", justify="right")
-    table.add_column("ok/failed/diverged", justify="right", no_wrap=True)
-    for row in board["rows"]:
-        cells = [
-            "" if row["rank"] is None else str(row["rank"]),
-            Text(display_label(row)),
-            fmt_mean_std(row),
-            fmt_ci(row),
-            *[fmt_num(row["organs"].get(o)) for o in board["organ_metrics"]],
-        ]
-        if board.get("aux_metric"):
-            cells.append(fmt_aux(row))
-        delta = fmt_delta(row)
-        cells.append(Text(delta + (" *" if row.get("better") else ""), style="green" if row.get("better") else ""))
-        cells.append(fmt_counts(row))
-        style = "bold cyan" if row.get("is_baseline") else ("dim" if row["mean"] is None else None)
-        table.add_row(*cells, style=style)
-    console.print(table)
+    rows = board["rows"]
+    ranks = ["" if r["rank"] is None else str(r["rank"]) for r in rows]
+    labels = [display_label(r) for r in rows]
+    cols = leaderboard_columns(board)
+    key_width = 1 + (_column_width("#", ranks) + 3) + (_column_width("strategy", labels) + 3)
+    groups = pack_columns(key_width, [_column_width(h, c) for h, c in cols], console.width)
+    first = None
+    for n, group in enumerate(groups, start=1):
+        title = f"mtlbench leaderboard: {board['metric']} ({arrow} better)" if n == 1 else "leaderboard, continued"
+        if len(groups) > 1:
+            title += f" [{n}/{len(groups)}]"
+        table = Table(title=title)
+        _add_column(table, "#", ranks, justify="right")
+        _add_column(table, "strategy", labels)
+        for i in group:
+            _add_column(table, cols[i][0], cols[i][1], justify="right")
+        for k, row in enumerate(rows):
+            style = "bold cyan" if row.get("is_baseline") else ("dim" if row["mean"] is None else None)
+            table.add_row(ranks[k], Text(labels[k]), *[cols[i][1][k] for i in group], style=style)
+        console.print(table)
+        first = first or table
     console.print(Text(f"* {board['rule']}. Baseline: {board.get('baseline')}."))
-    return table
+    return first
