@@ -42,6 +42,21 @@ PositiveInt = Annotated[StrictInt, Field(ge=1)]
 def pooling_divisor(widths: list[int]) -> int:
     """What a slice's height and width must be divisible by for a U-Net with these level widths."""
     return 2 ** (len(widths) - 1)
+
+
+def check_trainable(cfg: "Config", source: str | None = None) -> None:
+    """Raise ConfigError for what every trial would reject (the slice size against the U-Net depth).
+
+    ``run`` calls it before anything is written or Ray starts; a cache-only
+    config (``data prepare``) may use any slice size.
+    """
+    divisor = pooling_divisor(cfg.model.widths)
+    h, w = cfg.preprocess.slice_size
+    if h % divisor or w % divisor:
+        raise ConfigError(
+            ("" if source is None else f"{source}: ") + f"preprocess.slice_size {h}x{w} must be divisible by {divisor} "
+            f"(2 ** (len(model.widths) - 1) for model.widths {cfg.model.widths})"
+        )
 LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
@@ -162,10 +177,49 @@ class ResourcesConfig(Section):
     max_concurrent: PositiveInt | None = None
 
 
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (found without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+class MlflowConfig(Section):
+    """``[run.mlflow]``: log every trial of ``mtlbench run`` to MLflow through Ray Tune's MLflowLoggerCallback."""
+
+    enabled: Bool = True
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+    tags: dict[str, str] = {}
+
+
 class RunConfig(Section):
     max_failures: Annotated[Int, Field(ge=0)] = 0
     storage_path: str | None = None
     out_dir: str = "runs"
+    tensorboard: Literal["auto"] | Bool = "auto"
+    mlflow: MlflowConfig | None = None
+
+    @field_validator("tensorboard", mode="before")
+    @classmethod
+    def _tensorboard_value(cls, v: Any) -> Any:
+        if v != "auto" and not isinstance(v, bool):
+            raise ValueError('must be true, false or "auto" (on when the tensorboard package is installed)')
+        return v
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, v: Any) -> Any:
+        if v is True and not _installed("tensorboard"):
+            raise ValueError("true needs the tensorboard package: pip install 'mtlbench[tensorboard]'")
+        return v
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_installed(cls, v: MlflowConfig | None) -> MlflowConfig | None:
+        if v is not None and v.enabled and not _installed("mlflow"):
+            raise ValueError("MLflow logging needs the mlflow package: pip install 'mtlbench[mlflow]'")
+        return v
 
 
 def _default_tasks() -> dict[str, TaskEntry]:
@@ -205,13 +259,6 @@ class Config(Section):
             )
         if not any(s.enabled for s in self.strategies.values()):
             raise ValueError("strategies: no strategy is enabled")
-        divisor = pooling_divisor(self.model.widths)
-        h, w = self.preprocess.slice_size
-        if h % divisor or w % divisor:
-            raise ValueError(
-                f"preprocess.slice_size {h}x{w} must be divisible by {divisor} "
-                f"(2 ** (len(model.widths) - 1) for model.widths {self.model.widths})"
-            )
         return self
 
     def task_use(self, label: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mtlbench.assemble import resolve_plugins
-from mtlbench.config import expand_grid, load_config, parse_value, to_toml, validate_config
+from mtlbench.config import check_trainable, expand_grid, load_config, parse_value, to_toml, validate_config
 from mtlbench.errors import ConfigError
 
 BASE = """
@@ -228,7 +228,9 @@ def test_values_a_trial_would_reject_are_config_errors(tmp_path, old, new, key):
 
 
 def test_slice_size_must_fit_the_model_depth(tmp_path):
+    """Checked before a run starts (a cache-only config may use any size)."""
     p = write(tmp_path, BASE.replace("preprocess = { slice_size = [64, 64] }", "preprocess = { slice_size = [30, 30] }"))
-    load_config(p, profile="small")  # widths [8, 16] pool once: 30 x 30 fits
+    check_trainable(load_config(p, profile="small"))  # widths [8, 16] pool once: 30 x 30 fits
+    cfg = load_config(p, sets=["preprocess.slice_size=[30, 30]"])  # the base's 5 widths pool 4 times
     with pytest.raises(ConfigError, match=r"preprocess.slice_size 30x30 must be divisible by 16 .*model.widths"):
-        load_config(p, sets=["preprocess.slice_size=[30, 30]"])  # the base's 5 widths pool 4 times
+        check_trainable(cfg, str(p))

@@ -55,3 +55,11 @@ def test_a_killed_start_is_taken_over_by_the_same_command(tmp_path, monkeypatch)
     # A folder with a finished trial is a run: the same command is refused, --resume continues it.
     r = runner.invoke(app, ["run", str(_config(tmp_path)), "--out", str(out)])
     assert r.exit_code == 2 and "already holds a run" in r.stderr
+
+
+def test_a_slice_size_the_model_cannot_take_stops_run_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTLBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["run", str(_config(tmp_path)), "--out", str(out), "--set", "preprocess.slice_size=[30, 30]"])
+    assert r.exit_code == 2 and "preprocess.slice_size 30x30 must be divisible by 4" in r.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()

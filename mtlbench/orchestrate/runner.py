@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from mtlbench.config import Config, to_toml
+from mtlbench.config import Config, check_trainable, to_toml
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.errors import ConfigError, DataError
 from mtlbench.fsutil import write_text
@@ -104,6 +104,7 @@ def run_experiment(
     from rich.console import Console
 
     console = console or Console()
+    check_trainable(cfg)
     run_dir = run_dir.resolve()
     if resume:
         if not (run_dir / RESOLVED).is_file():
