@@ -5,12 +5,14 @@ SimpleITK and the IO modules are imported inside methods: this module is importe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -69,9 +71,15 @@ class Entry:
 
 
 class EntrySource(DatasetSource):
-    """Shared logic of the file-based sources: subclasses list the patients' files, this class loads them."""
+    """Shared logic of the file-based sources: subclasses list the patients' files, this class loads them.
+
+    ``absent_label`` is what a ``file#label`` whose label does not occur in the file is: an
+    "error" where the user named the label for this patient (a manifest), a "warning" where the
+    labels come from one table for every case (a case may lack an organ).
+    """
 
     _entries: dict[str, Entry] | None = None
+    absent_label: Literal["error", "warning"] = "error"
 
     def read_entries(self) -> dict[str, Entry]:
         raise NotImplementedError
@@ -94,51 +102,74 @@ class EntrySource(DatasetSource):
         return self.entry(patient_id).file_list()
 
     def load(self, patient_id: str) -> Patient:
-        return load_entry(self.entry(patient_id), self.request)
+        return load_entry(self.entry(patient_id), self.request, absent_label=self.absent_label)
 
 
-def load_entry(entry: Entry, request: SourceRequest, volume: "tuple[np.ndarray, Geometry] | None" = None) -> Patient:
+def load_entry(
+    entry: Entry,
+    request: SourceRequest,
+    volume: "tuple[np.ndarray, Geometry] | None" = None,
+    absent_label: Literal["error", "warning"] = "error",
+) -> Patient:
     """Read one patient's volume, the configured organs' masks and landmarks.
 
     ``volume`` is the image already read, (array, geometry), for sources that
     pick it out of a larger file (one channel of a 4D image); default: read ``entry.image``.
+    ``absent_label``: see :class:`EntrySource`.
     """
     import numpy as np
 
     from mtlbench.data.io import mask_from_labels, read_label_image, read_volume
 
-    image, geometry = volume if volume is not None else read_volume(entry.image)
-    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise DataError(f"patient {entry.patient}: image {entry.image} has {bad} NaN or infinite voxels")
-    labels_by_file: dict[Path, np.ndarray] = {}
-    masks: dict[str, np.ndarray] = {}
-    for organ in request.organs:
-        spec = entry.masks[organ]
-        if spec.path not in labels_by_file:  # a label map shared by several organs is read once
-            labels_by_file[spec.path] = read_label_image(
-                spec.path,
-                geometry,
-                on_mismatch=request.mask_mismatch,
-                tol=request.geometry_tolerance,
-                image_path=entry.image,
-            )
-        masks[organ] = checked_mask(entry.patient, organ, spec, labels_by_file[spec.path])
-    return Patient(
-        id=entry.patient,
-        image=image.astype(np.float32, copy=False),
-        geometry=geometry,
-        masks=masks,
-        landmarks=_entry_landmarks(entry, request, geometry),
-        files=entry.roles(),
-    )
+    with patient_context(entry.patient):
+        image, geometry = volume if volume is not None else read_volume(entry.image)
+        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise DataError(f"patient {entry.patient}: image {entry.image} has {bad} NaN or infinite voxels")
+        labels_by_file: dict[Path, np.ndarray] = {}
+        masks: dict[str, np.ndarray] = {}
+        for organ in request.organs:
+            spec = entry.masks[organ]
+            if spec.path not in labels_by_file:  # a label map shared by several organs is read once
+                labels_by_file[spec.path] = read_label_image(
+                    spec.path,
+                    geometry,
+                    on_mismatch=request.mask_mismatch,
+                    tol=request.geometry_tolerance,
+                    image_path=entry.image,
+                )
+            masks[organ] = checked_mask(entry.patient, organ, spec, labels_by_file[spec.path], absent_label)
+        return Patient(
+            id=entry.patient,
+            image=image.astype(np.float32, copy=False),
+            geometry=geometry,
+            masks=masks,
+            landmarks=_entry_landmarks(entry, request, geometry),
+            files=entry.roles(),
+        )
 
 
-def checked_mask(patient: str, organ: str, spec: MaskSpec, labels) -> "np.ndarray":
+@contextlib.contextmanager
+def patient_context(patient: str) -> Iterator[None]:
+    """Name the patient in every DataError raised while one patient's files are read
+    (a file's own error, e.g. a truncated volume, names only the file)."""
+    try:
+        yield
+    except DataError as exc:
+        if str(exc).startswith(f"patient {patient}:"):
+            raise
+        raise DataError(f"patient {patient}: {exc}") from exc
+
+
+def checked_mask(
+    patient: str, organ: str, spec: MaskSpec, labels, absent_label: Literal["error", "warning"] = "warning"
+) -> "np.ndarray":
     """The organ's bool mask from its file's values; wrong values are a DataError, an empty organ a warning.
 
     A binary mask (no ``#label``) may hold only 0 and 1 (anything else is a
-    label map, or a corrupt file: name the label with ``file#label``).
+    label map, or a corrupt file: name the label with ``file#label``). A
+    ``#label`` that does not occur in the file is a DataError naming the labels
+    that do with ``absent_label="error"``, else a warning like an all-empty mask.
     """
     import logging
 
@@ -150,38 +181,81 @@ def checked_mask(patient: str, organ: str, spec: MaskSpec, labels) -> "np.ndarra
         values = np.unique(labels)
         extra = [v for v in values.tolist() if v not in (0, 1)]
         if extra:
-            shown = ", ".join(f"{v:g}" for v in extra[:6]) + (" ..." if len(extra) > 6 else "")
             raise DataError(
-                f"patient {patient}: mask {spec.path} of organ {organ!r} holds values other than 0 and 1 ({shown}); "
-                f"for one label of a label map write '{spec.path}#<label>'"
+                f"patient {patient}: mask {spec.path} of organ {organ!r} holds values other than 0 and 1 "
+                f"({_shown(extra)}); for one label of a label map write '{spec.path}#<label>'"
             )
     mask = mask_from_labels(labels, spec.label)
-    if not mask.any():
-        where = f"label {spec.label} does not occur in {spec.path}" if spec.label is not None else f"{spec.path} is empty"
-        logging.getLogger("mtlbench.data").warning("patient %s: organ %r has no voxel (%s)", patient, organ, where)
+    if mask.any():
+        return mask
+    if spec.label is not None and absent_label == "error":
+        raise DataError(
+            f"patient {patient}: organ {organ!r}: label {spec.label} does not occur in {spec.path} "
+            f"({_labels_present(labels)})"
+        )
+    where = f"label {spec.label} does not occur in {spec.path}" if spec.label is not None else f"{spec.path} is empty"
+    logging.getLogger("mtlbench.data").warning("patient %s: organ %r has no voxel (%s)", patient, organ, where)
     return mask
 
 
+def _shown(values: list, limit: int = 6) -> str:
+    """Up to ``limit`` numbers, then '...'."""
+    return ", ".join(f"{v:g}" for v in values[:limit]) + (" ..." if len(values) > limit else "")
+
+
+def _labels_present(labels) -> str:
+    """Which nonzero labels a label map holds (float maps rounded, as :func:`mask_from_labels` does)."""
+    import numpy as np
+
+    values = np.rint(labels) if np.issubdtype(labels.dtype, np.floating) else labels
+    present = [v for v in np.unique(values).tolist() if v != 0]
+    return f"labels there: {_shown(present, 12)}" if present else "it holds no label: every voxel is 0"
+
+
 def _norm_label(label: str) -> str:
-    return re.sub(r"[\s_\-]+", "_", label.strip().casefold())
+    """A label as it is matched: case, spaces, '-' and '_' ignored (one rule for landmarks and dataset.json)."""
+    from mtlbench.data.landmarks import label_key
+
+    return label_key(label)
 
 
 def _entry_landmarks(entry: Entry, request: SourceRequest, geometry) -> list["Landmark"]:
-    """The configured landmarks present in the patient's file, in configured order, inside the image."""
+    """The configured landmarks present in the patient's file, in configured order, inside the image.
+
+    A configured landmark the file lacks (every one, when the patient has no file) is one
+    warning line naming the patient and the landmarks; the patient has no position for them,
+    which the slice cache records (its ``landmark_names`` list only the landmarks present).
+    """
     from mtlbench.api import Landmark
     from mtlbench.data.landmarks import filter_inside, read_landmarks
 
-    if entry.landmarks is None or not request.landmarks:
+    if not request.landmarks:
         return []
-    by_label: dict[str, Landmark] = {}
-    for lm in read_landmarks(entry.landmarks):
-        by_label.setdefault(_norm_label(lm.name), lm)
-    found = []
+    if entry.landmarks is None:
+        _warn_absent(entry.patient, list(request.landmarks), "the patient has no landmark file")
+        return []
+    in_file = {_norm_label(lm.name): lm for lm in read_landmarks(entry.landmarks)}  # labels are unique there
+    found, absent = [], []
     for name in request.landmarks:
-        lm = by_label.get(_norm_label(entry.landmark_labels.get(name, name)))
-        if lm is not None:
+        lm = in_file.get(_norm_label(entry.landmark_labels.get(name, name)))
+        if lm is None:
+            absent.append(name)
+        else:
             found.append(Landmark(name, lm.position))
+    if absent:
+        labels = ", ".join(lm.name for lm in list(in_file.values())[:8]) + (" ..." if len(in_file) > 8 else "")
+        _warn_absent(entry.patient, absent, f"{entry.landmarks} holds {labels or 'no landmark'}")
     return filter_inside(found, geometry, entry.patient)
+
+
+def _warn_absent(patient: str, names: list[str], why: str) -> None:
+    """One warning line: configured landmarks the patient has no position for."""
+    import logging
+
+    shown = ", ".join(repr(n) for n in names)
+    logging.getLogger("mtlbench.data").warning(
+        "patient %s: configured landmarks absent: %s (%s); the patient has no position for them", patient, shown, why
+    )
 
 
 def _resolve(base: Path, cell: str) -> Path:
@@ -409,6 +483,7 @@ def read_nnunet_labels(raw, where: str) -> dict[str, int | list[int]]:
 class NnUNetSource(EntrySource):
     name = "nnunet"
     description = "an nnU-Net v2 / Decathlon folder: imagesTr/<case>_0000, labelsTr/<case> label maps, dataset.json"
+    absent_label = "warning"  # dataset.json's labels are every case's: a case may lack an organ
 
     class Params(Params):
         root: str
@@ -568,15 +643,15 @@ class NnUNetSource(EntrySource):
 
     def load(self, patient_id: str) -> Patient:
         entry = self.entry(patient_id)
-        if patient_id not in self._stacked:
-            return load_entry(entry, self.request)
-        return load_entry(entry, self.request, self._channel_volume(entry))
+        with patient_context(patient_id):
+            volume = self._channel_volume(entry) if patient_id in self._stacked else None
+        return load_entry(entry, self.request, volume, absent_label=self.absent_label)
 
     def _channel_volume(self, entry: Entry):
         """An image without a channel suffix (the Decathlon's form): 3D, or 4D with the channels last."""
         import SimpleITK as sitk
 
-        from mtlbench.data.io import geometry_of
+        from mtlbench.data.io import check_complete, geometry_of
 
         channel = self.params.channel
         reader = sitk.ImageFileReader()
@@ -597,6 +672,7 @@ class NnUNetSource(EntrySource):
             raise DataError(
                 f"nnunet: image {entry.image} has {size[3]} channels, not channel {channel} (data.nnunet.channel)"
             )
+        check_complete(entry.image)
         try:
             image = sitk.ReadImage(str(entry.image))
         except RuntimeError as exc:

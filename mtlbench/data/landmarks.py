@@ -35,14 +35,45 @@ MRK_SCHEMA = (
 )
 
 _HEADER = re.compile(r"^#\s*(?P<key>[^=]+?)\s*=\s*(?P<value>.*)$")
+_LABEL_SEPARATORS = re.compile(r"[\s_\-]+")
 _LEGACY_HEADER = re.compile(r"^#\s*label\s*,\s*x\s*,\s*y\s*,\s*z\b", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- reading
 
 
+def label_key(label: str) -> str:
+    """What a label is matched by: case ignored, runs of spaces, '-' and '_' alike
+    (``Renal Pelvis Right`` and ``renal_pelvis_right`` are one label)."""
+    return _LABEL_SEPARATORS.sub("_", label.strip().casefold())
+
+
+def check_unique_labels(path: Path, located: Iterable[tuple[int | str, Landmark]]) -> None:
+    """DataError at the second landmark whose label matches an earlier one's (see :func:`label_key`).
+
+    ``located`` gives each landmark with where it is in the file: a line number, or a
+    description such as ``markups[0].controlPoints[2]``.
+    """
+    first: dict[str, tuple[str, int | str]] = {}
+    for where, lm in located:
+        key = label_key(lm.name)
+        if key in first:
+            name, there = first[key]
+            head = f"{path}:{where}" if isinstance(where, int) else f"{path}: {where}"
+            back = f"line {there}" if isinstance(there, int) else there
+            same = "repeats" if name == lm.name else "is the same label as"
+            raise DataError(
+                f"{head}: landmark label {lm.name!r} {same} {name!r} of {back} "
+                f"(labels match ignoring case, spaces, '-' and '_'); give each landmark its own label"
+            )
+        first[key] = (lm.name, where)
+
+
 def read_landmarks(path: str | Path) -> list[Landmark]:
-    """Read a landmark file: ``.fcsv``, ``.mrk.json`` or a ``.json`` holding Slicer markups."""
+    """Read a landmark file: ``.fcsv``, ``.mrk.json`` or a ``.json`` holding Slicer markups.
+
+    Two landmarks whose labels match (:func:`label_key`) are a DataError at the second one.
+    """
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".fcsv"):
@@ -93,7 +124,11 @@ def _to_lps(xyz: tuple[float, float, float], system: str) -> tuple[float, float,
 
 
 def read_fcsv(path: str | Path) -> list[Landmark]:
-    """Read a 3D Slicer .fcsv file of any version (Slicer 3 lists included); positions in LPS."""
+    """Read a 3D Slicer .fcsv file of any version (Slicer 3 lists included); positions in LPS.
+
+    Without a ``# columns`` line the columns are Slicer 4's or Slicer 3's (:func:`_implied_columns`);
+    a label that repeats an earlier one is a DataError naming its line.
+    """
     path = Path(path)
     headers: dict[str, str] = {}
     columns: list[str] | None = None
@@ -117,10 +152,20 @@ def read_fcsv(path: str | Path) -> list[Landmark]:
             continue  # a row of empty cells (spreadsheet export)
         rows.append((lineno, fields))
     if columns is None:
-        versioned = any(k.startswith("markups fiducial file version") for k in headers)
-        columns = list(MODERN_COLUMNS if versioned else LEGACY_COLUMNS)
+        columns = _implied_columns(headers, rows)
     system = parse_coordinate_system(headers.get("coordinatesystem", "RAS"), str(path))
-    return [lm for lm in (_fcsv_row(path, n, i, fields, columns, system) for i, (n, fields) in enumerate(rows, 1)) if lm]
+    found = [(n, _fcsv_row(path, n, i, fields, columns, system)) for i, (n, fields) in enumerate(rows, 1)]
+    placed = [(n, lm) for n, lm in found if lm is not None]
+    check_unique_labels(path, placed)
+    return [lm for _, lm in placed]
+
+
+def _implied_columns(headers: dict[str, str], rows: list[tuple[int, list[str]]]) -> list[str]:
+    """The columns of a file without a ``# columns`` line: Slicer 4's when it says its version or
+    every row is as long as Slicer 4's up to the label (a header-less export), else Slicer 3's."""
+    versioned = any(k.startswith("markups fiducial file version") for k in headers)
+    modern_rows = bool(rows) and all(len(fields) > MODERN_COLUMNS.index("label") for _, fields in rows)
+    return list(MODERN_COLUMNS if versioned or modern_rows else LEGACY_COLUMNS)
 
 
 def _column_index(columns: list[str]) -> dict[str, int]:
@@ -168,20 +213,22 @@ def read_mrk_json(path: str | Path) -> list[Landmark]:
     markups = doc.get("markups") if isinstance(doc, dict) else None
     if not isinstance(markups, list):
         raise DataError(f"{path}: no 'markups' list; not a Slicer markups file")
-    out: list[Landmark] = []
+    out: list[tuple[int | str, Landmark]] = []
     for k, markup in enumerate(markups):
         if isinstance(markup, dict) and str(markup.get("type", "")).lower() == "fiducial":
             out.extend(_markup_points(path, k, markup, len(out)))
-    return out
+    check_unique_labels(path, out)
+    return [lm for _, lm in out]
 
 
-def _markup_points(path: Path, k: int, markup: dict[str, Any], start: int) -> list[Landmark]:
+def _markup_points(path: Path, k: int, markup: dict[str, Any], start: int) -> list[tuple[int | str, Landmark]]:
+    """The defined control points of one fiducial markup, each with where it is in the file."""
     where = f"{path}: markups[{k}]"
     system = parse_coordinate_system(str(markup.get("coordinateSystem", "LPS")), where)
     units = str(markup.get("coordinateUnits", "mm"))
     if units != "mm":
         raise DataError(f"{where}: coordinateUnits {units!r} is not supported; expected 'mm'")
-    out: list[Landmark] = []
+    out: list[tuple[int | str, Landmark]] = []
     for j, point in enumerate(markup.get("controlPoints") or []):
         status = str(point.get("positionStatus", "defined")).lower()
         pos = point.get("position")
@@ -194,7 +241,7 @@ def _markup_points(path: Path, k: int, markup: dict[str, Any], start: int) -> li
         if len(xyz) != 3:
             raise DataError(f"{where}.controlPoints[{j}]: position {pos!r} is not three numbers")
         label = str(point.get("label") or "").strip() or str(point.get("id") or "").strip() or f"F-{start + len(out) + 1}"
-        out.append(Landmark(label, _to_lps(xyz, system)))  # type: ignore[arg-type]
+        out.append((f"markups[{k}].controlPoints[{j}]", Landmark(label, _to_lps(xyz, system))))  # type: ignore[arg-type]
     return out
 
 
