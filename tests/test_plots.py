@@ -139,13 +139,35 @@ def test_make_plots_writes_readable_pngs(tmp_path):
 
 
 def test_overlay_colours():
-    labels = np.array([[1, 1, 0, 0]], np.uint8)
-    pred = np.array([[0, 2, 2, 0]], np.uint8)
-    rgba = overlay_rgba(labels, pred)
-    assert tuple(rgba[0, 0, :3]) == pytest.approx((0.0, 0.85, 0.0))  # ground truth only: green
-    assert tuple(rgba[0, 1, :3]) == pytest.approx((1.0, 0.9, 0.0))  # both: yellow
-    assert tuple(rgba[0, 2, :3]) == pytest.approx((0.95, 0.1, 0.1))  # prediction only: red
-    assert rgba[0, 3, 3] == 0.0 and rgba[0, 0, 3] > 0
+    """One colour per organ for the prediction's fill; the ground truth is drawn as outlines on top."""
+    from mtlbench.report.plots import ORGAN_COLOURS, label_names
+
+    pred = np.array([[0, 2, 2, 1]], np.uint8)
+    rgba = overlay_rgba(pred)
+    assert rgba[0, 0, 3] == 0.0
+    assert tuple(rgba[0, 1, :3]) == pytest.approx(ORGAN_COLOURS[1]) and rgba[0, 1, 3] > 0
+    assert tuple(rgba[0, 3, :3]) == pytest.approx(ORGAN_COLOURS[0])
+    assert label_names(["kidney_right", "kidney_left"], np.array([0, 1, 2, 5])) == {
+        1: "kidney_right", 2: "kidney_left", 5: "label 5"}
+
+
+def test_figures_have_a_vector_copy_and_readable_axes(tmp_path):
+    """Every PNG has a PDF beside it; axes name metric and unit; each task's loss has its own axis."""
+    from mtlbench.report.plots import metric_label, plot_learning_curves, sweep_aux_keys
+
+    run = make_run(tmp_path)
+    for png in make_plots(run):
+        pdf = png.with_suffix(".pdf")
+        assert pdf.is_file() and pdf.read_bytes().startswith(b"%PDF"), pdf
+    meta = json.loads((run / "results.json").read_text())["meta"]
+    assert metric_label(meta, "landmarks/error_mm_mean") == "landmarks: error mean [mm]"
+    assert metric_label(meta, "segmentation/iou_mean") == "segmentation: IoU mean"
+    assert sweep_aux_keys(meta, "segmentation/iou_mean") == ["landmarks/rmse", "landmarks/error_mm_mean"]
+    results = json.loads((run / "results.json").read_text())
+    joint = plot_learning_curves(results, tmp_path / "curves")[1]
+    single = plot_learning_curves(results, tmp_path / "curves")[0]
+    # metric + segmentation loss + landmarks loss panels vs metric + segmentation loss
+    assert imread(joint).shape[1] > 1.3 * imread(single).shape[1]
 
 
 def test_sweep_detection_and_none_without_sweep(tmp_path):

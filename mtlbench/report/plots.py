@@ -1,4 +1,5 @@
-"""PNG figures from a run folder: learning curves, the parameter (lambda) sweep and example-slice overlays."""
+"""Figures from a run folder: learning curves, the parameter (lambda) sweep, learned weights, gradient
+norms and example-slice overlays, each as a PNG (for reports) and a PDF (vector, for papers) beside it."""
 
 from __future__ import annotations
 
@@ -26,15 +27,31 @@ from mtlbench.engine.trialspec import flatten_params
 from mtlbench.report.stats import describe
 
 PLOTS_DIR = "plots"
-DPI = 110
+DPI = 200
+#: Formats every figure is written in: the PNG the reports embed, and a vector copy.
+FORMATS = ("png", "pdf")
 # Soft-tissue CT window (HU): level 40, width 400.
 WINDOW_LEVEL_HU = 40.0
 WINDOW_WIDTH_HU = 400.0
 DEFAULT_SCALE = 500.0
 GT_COLOUR = (0.0, 0.85, 0.0)
 PRED_COLOUR = (0.95, 0.1, 0.1)
-BOTH_COLOUR = (1.0, 0.9, 0.0)
 OVERLAY_ALPHA = 0.45
+#: One colour per organ (label value 1, 2, ...) in overlays.
+ORGAN_COLOURS = [(0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.4, 0.74),
+                 (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81)]
+#: How metric-name parts are written on an axis.
+_WORDS = {"iou": "IoU", "dice": "Dice", "hd95": "HD95", "nsd": "NSD", "rmse": "RMSE", "mae": "MAE", "mse": "MSE",
+          "mm": "", "mean": "mean"}
+
+
+def metric_label(meta: dict[str, Any] | None, key: str) -> str:
+    """An axis label from a metric key and its unit: 'segmentation/iou_mean' -> 'segmentation: IoU mean',
+    'landmarks/error_mm_mean' -> 'landmarks: error mean [mm]' (the unit from ``meta.units``)."""
+    task, _, name = key.rpartition("/")
+    text = " ".join(w for w in (_WORDS.get(part, part) for part in name.split("_")) if w)
+    unit = ((meta or {}).get("units") or {}).get(key)
+    return (f"{task}: " if task else "") + text + (f" [{unit}]" if unit else "")
 
 
 def slug(text: str) -> str:
@@ -54,8 +71,11 @@ def _figure(ncols: int, width: float = 5.0, height: float = 4.0) -> tuple[Any, l
 
 
 def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+    """Write ``path`` (a .png) and the same figure in every other of :data:`FORMATS` beside it; returns the PNG."""
+    for fmt in FORMATS:
+        target = path.with_suffix(f".{fmt}")
+        with atomic_path(target, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI)
     return path
 
 
@@ -110,8 +130,9 @@ def _integer_epochs(ax: Any) -> None:
 
 
 def plot_learning_curves(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """One PNG per row (``curves_NN_<label>.png``): the main metric per epoch for each fold (thin) and
-    their mean (thick); a second panel with the training losses ``loss/<task>`` when history has them."""
+    """One figure per row (``curves_NN_<label>``): the main metric per epoch for each fold (thin) and their
+    mean (thick), then one panel per task's training loss ``loss/<task>`` (each on its own axis: losses of
+    different tasks differ by orders of magnitude)."""
     meta = results.get("meta") or {}
     metric = resolve_metric(results)
     out_dir = Path(out_dir)
@@ -119,11 +140,10 @@ def plot_learning_curves(results: dict[str, Any], out_dir: str | Path) -> list[P
     for i, group in enumerate(group_rows(results), start=1):
         trials = group.completed
         metric_curves = _curve(trials, "metrics", metric)
-        loss_keys = sorted({k for t in trials for h in t.get("history") or [] for k in (h.get("train") or {}) if k.startswith("loss/")})
-        loss_curves = {k: c for k in loss_keys if (c := _curve(trials, "train", k))}
+        loss_curves = {k: c for k in _train_keys(trials, "loss/") if (c := _curve(trials, "train", k))}
         if not metric_curves and not loss_curves:
             continue
-        fig, axes = _figure(2 if loss_curves else 1)
+        fig, axes = _figure(1 + len(loss_curves), width=4.4, height=3.6)
         ax = axes[0]
         if metric_curves:
             _draw_folds(ax, metric_curves, "black", "mean over folds", label_folds=True)
@@ -131,17 +151,17 @@ def plot_learning_curves(results: dict[str, Any], out_dir: str | Path) -> list[P
         else:  # e.g. the auxiliary task's own single-task row has no main-task tail
             ax.text(0.5, 0.5, f"this row has no {metric}", ha="center", va="center", transform=ax.transAxes)
         arrow = "↑" if higher_is_better(meta, metric) else "↓"
-        ax.set(title=f"{group.label}: {metric} ({arrow} better)", xlabel="epoch", ylabel=metric)
+        ax.set(title=f"test metric ({arrow} better)", xlabel="epoch", ylabel=metric_label(meta, metric))
         ax.grid(alpha=0.3)
         _integer_epochs(ax)
-        if loss_curves:
-            lax = axes[1]
-            for j, (key, curves) in enumerate(loss_curves.items()):
-                _draw_folds(lax, curves, FOLD_COLOURS[j % len(FOLD_COLOURS)], f"{key} (mean over folds)", label_folds=False)
-            lax.set(title=f"{group.label}: training loss (thin: folds)", xlabel="epoch", ylabel="loss")
+        for j, (lax, (key, curves)) in enumerate(zip(axes[1:], loss_curves.items())):
+            task = key.removeprefix("loss/")
+            _draw_folds(lax, curves, FOLD_COLOURS[j % len(FOLD_COLOURS)], "mean over folds", label_folds=False)
+            lax.set(title=f"training loss: {task}", xlabel="epoch", ylabel=f"{task} loss (epoch mean; thin: folds)")
             lax.grid(alpha=0.3)
             lax.legend(fontsize=7)
             _integer_epochs(lax)
+        fig.suptitle(group.label, fontsize=11)
         paths.append(_save(fig, out_dir / f"curves_{i:02d}_{slug(group.label)}.png"))
     return paths
 
@@ -231,6 +251,16 @@ def _baseline_band(ax: Any, base: RowGroup | None, key: str) -> None:
         ax.axhspan(mean - std, mean + std, color="grey", alpha=0.2)
 
 
+def sweep_aux_keys(meta: dict[str, Any], metric: str) -> list[str]:
+    """The auxiliary tasks' metrics a sweep shows: each one's main metric, then its per-item means measured
+    in mm (e.g. the landmarks' localisation error), which say more than a map's RMSE."""
+    aux = [k for k in meta.get("aux_metrics") or [] if k != metric]
+    tasks = {k.split("/", 1)[0] for k in aux}
+    units = meta.get("units") or {}
+    mm = sorted(k for k, u in units.items() if u == "mm" and k.split("/", 1)[0] in tasks and k.endswith("_mean"))
+    return aux + [k for k in mm if k not in aux]
+
+
 def plot_lambda_sweep(results: dict[str, Any], out_dir: str | Path) -> Path | None:
     """``lambda_sweep.png``: main (and auxiliary) metric against the swept numeric parameter,
     mean ± std over folds, the baseline as a horizontal band; None when no strategy sweeps one parameter."""
@@ -240,11 +270,9 @@ def plot_lambda_sweep(results: dict[str, Any], out_dir: str | Path) -> Path | No
     sweeps = find_sweeps(groups)
     if not sweeps:
         return None
-    aux_key = next((k for k in meta.get("aux_metrics") or [] if k != metric), None)
-    has_aux = aux_key is not None and any(
-        not math.isnan(_fold_stats(g, aux_key)[0]) for _, _, pts in sweeps for _, g in pts
-    )
-    keys = [metric] + ([aux_key] if has_aux else [])
+    keys = [metric] + [k for k in sweep_aux_keys(meta, metric) if any(
+        not math.isnan(_fold_stats(g, k)[0]) for _, _, pts in sweeps for _, g in pts
+    )]
     base = next((g for g in groups if g.strategy == meta.get("baseline")), None)
     fig, axes = _figure(len(keys))
     same_param = len({k for _, k, _ in sweeps}) == 1
@@ -263,7 +291,7 @@ def plot_lambda_sweep(results: dict[str, Any], out_dir: str | Path) -> Path | No
             ax.set_xticks(sorted({x for _, _, pts in sweeps for x, _ in pts}))
         arrow = "↑" if higher_is_better(meta, key) else "↓"
         xlabel = sweeps[0][1] if same_param else "parameter value"
-        ax.set(title=f"{key} ({arrow} better)", xlabel=xlabel, ylabel=key)
+        ax.set(title=f"{key} ({arrow} better)", xlabel=xlabel, ylabel=f"{metric_label(meta, key)} (mean ± std over folds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, Path(out_dir) / "lambda_sweep.png")
@@ -313,14 +341,19 @@ def load_example(path: Path) -> dict[str, Any]:
     return data
 
 
-def overlay_rgba(labels: np.ndarray, pred: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """RGBA layer: ground truth only green, prediction only red, both yellow, elsewhere transparent."""
-    gt, pr = labels > 0, pred > 0
-    rgba = np.zeros(labels.shape + (4,), dtype=np.float32)
-    for mask, colour in ((gt & ~pr, GT_COLOUR), (pr & ~gt, PRED_COLOUR), (gt & pr, BOTH_COLOUR)):
-        rgba[mask, :3] = colour
+def overlay_rgba(pred: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """RGBA layer: each predicted label value v > 0 filled in ``ORGAN_COLOURS[v - 1]``, elsewhere transparent."""
+    rgba = np.zeros(pred.shape + (4,), dtype=np.float32)
+    for value in np.unique(pred[pred > 0]):
+        mask = pred == value
+        rgba[mask, :3] = ORGAN_COLOURS[(int(value) - 1) % len(ORGAN_COLOURS)]
         rgba[mask, 3] = alpha
     return rgba
+
+
+def label_names(organs: list[str], values: np.ndarray) -> dict[int, str]:
+    """Label value -> name: value v is the run's v-th organ (``meta.organs``), else 'label v'."""
+    return {int(v): organs[int(v) - 1] if 0 < int(v) <= len(organs) else f"label {int(v)}" for v in values if v > 0}
 
 
 def _scale(meta: dict[str, Any] | None) -> float:
@@ -353,7 +386,8 @@ def _ct(ax: Any, image: np.ndarray, lo: float, hi: float) -> None:
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
 
 
-def _draw_panel(fig: Any, ax: Any, ex: dict[str, Any], pic: dict[str, Any], part: str, lo: float, hi: float) -> None:
+def _draw_panel(fig: Any, ax: Any, ex: dict[str, Any], pic: dict[str, Any], part: str, lo: float, hi: float,
+                organs: list[str]) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -363,12 +397,18 @@ def _draw_panel(fig: Any, ax: Any, ex: dict[str, Any], pic: dict[str, Any], part
     if pic["style"] == "labels":
         _ct(ax, ex["image"], lo, hi)
         empty = np.zeros(ex["image"].shape, dtype=np.uint8)
-        ax.imshow(overlay_rgba(empty if truth is None else truth, empty if pred is None else pred), interpolation="nearest")
-        ax.legend(
-            handles=[Patch(color=GT_COLOUR, label="ground truth"), Patch(color=PRED_COLOUR, label="prediction"),
-                     Patch(color=BOTH_COLOUR, label="both")],
-            loc="lower right", fontsize=7, framealpha=0.7,
-        )
+        truth = empty if truth is None else truth
+        pred = empty if pred is None else pred
+        ax.imshow(overlay_rgba(pred), interpolation="nearest")
+        names = label_names(organs, np.union1d(np.unique(truth), np.unique(pred)))
+        for value in names:
+            if np.any(truth == value):
+                ax.contour((truth == value).astype(float), levels=[0.5], linewidths=1.4,
+                           colors=[ORGAN_COLOURS[(value - 1) % len(ORGAN_COLOURS)]])
+        handles = [Patch(color=ORGAN_COLOURS[(v - 1) % len(ORGAN_COLOURS)], label=n) for v, n in names.items()]
+        handles += [Line2D([], [], color="white", lw=1.4, label="ground truth: outline"),
+                    Patch(facecolor="white", alpha=OVERLAY_ALPHA, label="prediction: fill")]
+        ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.7)
         ax.set_title(name, fontsize=9)
     elif pic["style"] == "points":
         _ct(ax, ex["image"], lo, hi)
@@ -406,6 +446,7 @@ def plot_overlays(results: dict[str, Any], run_dir: str | Path, out_dir: str | P
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     paths = []
     scale = _scale(results.get("meta"))
+    organs = list((results.get("meta") or {}).get("organs") or [])
     lo = (WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2) / scale
     hi = (WINDOW_LEVEL_HU + WINDOW_WIDTH_HU / 2) / scale
     for i, group in enumerate(group_rows(results), start=1):
@@ -420,7 +461,7 @@ def plot_overlays(results: dict[str, Any], run_dir: str | Path, out_dir: str | P
             _ct(axes[0], ex["image"], lo, hi)
             axes[0].set_title(f"CT W{WINDOW_WIDTH_HU:.0f}/L{WINDOW_LEVEL_HU:.0f} HU (no task drew a picture)", fontsize=9)
         for ax, (pic, part) in zip(axes, panels):
-            _draw_panel(fig, ax, ex, pic, part, lo, hi)
+            _draw_panel(fig, ax, ex, pic, part, lo, hi, organs)
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
