@@ -115,6 +115,16 @@ def make_run(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _fast_figures(request, monkeypatch):
+    """Low-resolution PNGs only, except where a test checks the vector copies (rendering dominates the time)."""
+    import mtlbench.report.plots as plots
+
+    monkeypatch.setattr(plots, "DPI", 50)
+    if "vector" not in request.node.name:
+        monkeypatch.setattr(plots, "FORMATS", ("png",))
+
+
 def _readable_png(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 1000
     img = imread(path)

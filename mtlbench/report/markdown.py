@@ -199,16 +199,16 @@ def figures_markdown(paths: list[Path], run_dir: Path) -> str:
     }
     captions = {
         "Learning curves": "Main metric per epoch for each fold (thin) and the mean over folds (thick); "
-        "training losses per task on the right when logged.",
-        "Parameter sweep": "Main and auxiliary metric against the swept parameter (mean ± std over folds); "
-        "the grey band is the baseline's mean ± std.",
+        "then each task's training loss on its own axis when logged. Every figure has a PDF beside it.",
+        "Parameter sweep": "Main and auxiliary metrics (for landmarks also the localisation error in mm) "
+        "against the swept parameter (mean ± std over folds); the grey band is the baseline's mean ± std.",
         "Learned loss weights": "Per epoch, the weight a learned-weighting strategy puts on each task's loss as "
         "the task computes it (`lambda/<task>`, comparable to joint's lambdas); thin lines: folds.",
         "Gradient norms": "Per epoch, the norm of each task's unweighted loss gradient on the shared trunk "
         "(sampled every `train.grad_norm_every` steps): a task with a 100x smaller gradient needs lambda ~ 100 "
         "to weigh as much.",
         "Example slices": "The test slice with the most organ voxels from each row's first completed trial: "
-        "what each task draws of it (label maps: ground truth green, prediction red, overlap yellow; "
+        "what each task draws of it (label maps: one colour per organ, prediction filled, ground truth outlined; "
         "float maps: ground truth next to prediction; points: ground truth o, prediction x).",
     }
     rels = sorted({p.resolve().relative_to(run_dir.resolve()).as_posix() for p in paths})
@@ -228,17 +228,18 @@ def figures_markdown(paths: list[Path], run_dir: Path) -> str:
     return "\n".join(out) if out else "No figures (no history and no example slices in this run).\n"
 
 
-def write_report(run_dir: str | Path, replot: bool = False) -> Path:
-    """Write ``RUN_DIR/report.md`` (atomically); plots are made first when ``RUN_DIR/plots`` has none."""
-    run_dir = Path(run_dir)
-    results = load_results(run_dir)
-    board = build_leaderboard(results)
+def report_parts(
+    run_dir: Path, results: dict[str, Any], board: dict[str, Any], replot: bool = False
+) -> tuple[list[str], str]:
+    """The report's Markdown sections in order, and its title; plots are made first when
+    ``RUN_DIR/plots`` has none (or ``replot``). Shared by report.md and report.html."""
     pngs = sorted((run_dir / PLOTS_DIR).glob("*.png")) if (run_dir / PLOTS_DIR).is_dir() else []
     if replot or not pngs:
         pngs = make_plots(run_dir)
     name = (results.get("meta") or {}).get("experiment") or run_dir.name
+    title = f"mtlbench report: {name}"
     parts = [
-        f"# mtlbench report: {name}\n",
+        f"# {title}\n",
         "## Experiment\n",
         summary_markdown(results, board),
         "## Leaderboard\n",
@@ -251,6 +252,14 @@ def write_report(run_dir: str | Path, replot: bool = False) -> Path:
     if problems:
         parts += ["## Failed and diverged trials\n", problems]
     parts += ["## Statistics\n", STATISTICS_TEXT, "## Figures\n", figures_markdown(pngs, run_dir)]
+    return parts, title
+
+
+def write_report(run_dir: str | Path, replot: bool = False) -> Path:
+    """Write ``RUN_DIR/report.md`` (atomically); plots are made first when ``RUN_DIR/plots`` has none."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    parts, _ = report_parts(run_dir, results, build_leaderboard(results), replot=replot)
     path = run_dir / REPORT_NAME
     write_text(path, "\n".join(parts))
     return path
