@@ -208,3 +208,120 @@ def test_interrupt_and_resume(tmp_path, env):
     ids = [t["id"] for t in res["trials"]]
     assert len(ids) == 8 and len(set(ids)) == 8
     assert all(t["status"] == "completed" for t in res["trials"])
+
+
+# ----------------------------------------------------------------------------- faults, each an event, never a race
+
+
+def _wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc is None or proc.poll() is None, "the run ended before the event the test waits for"
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {t["id"]: t for t in json.loads((out / "results.json").read_text())["trials"]}
+
+
+CRASH = CONFIG.replace('[strategies.joint]\ngrid = { "weights.landmarks" = [1.0, 3.0] }\n',
+                       '[strategies.crash]\nuse = "crash_once"\n')
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_worker_sigkill(tmp_path, env, retries):
+    """A trial whose worker process is SIGKILLed is retried (run.max_failures = 1) or recorded as failed (0);
+    the run completes either way and accounts for every trial."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(CRASH.replace("max_failures = 1", f"max_failures = {retries}"))
+    marker = tmp_path / "crashed"
+    out = tmp_path / "run"
+    r = _mtlbench(["run", str(cfg), "--out", str(out)], dict(env, MTLBENCH_TEST_CRASH_MARKER=str(marker)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert marker.exists()  # a worker really died
+    trials = _results(out)
+    assert len(trials) == 4
+    status = sorted(t["status"] for t in trials.values())
+    if retries:
+        assert status == ["completed"] * 4
+    else:
+        assert status == ["completed"] * 3 + ["failed"]
+        failed = next(t for t in trials.values() if t["status"] == "failed")
+        assert failed["strategy"] == "crash" and failed["error"]
+
+
+def test_driver_sigkill_then_resume(tmp_path, env):
+    """SIGKILL of the driver and its Ray processes mid-run loses no finished trial; --resume finishes the
+    run, and a trial that ran after the resume equals its twin that ran before it (same seed, same data)."""
+    cfg = tmp_path / "tiny.toml"
+    # hold trains exactly like joint with weight 1, but only once the release file exists
+    cfg.write_text(CONFIG.replace('[1.0, 3.0]', '[1.0]') + '[strategies.hold]\nuse = "hold"\n')
+    out = tmp_path / "run"
+    release = tmp_path / "release"
+    env = dict(env, MTLBENCH_TEST_RELEASE=str(release))
+    proc = subprocess.Popen([MTLBENCH, "run", str(cfg), "--out", str(out)], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: len(list(out.glob("trials/joint*/result.json"))) == 2, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    assert not any(n.startswith("hold") for n in before) and not (out / "results.json").exists()
+    release.touch()
+    r = _mtlbench(["run", "--resume", "--out", str(out)], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    assert all(after[n] == m for n, m in before.items()), "a finished trial was rerun"
+    trials = _results(out)
+    assert len(trials) == 6 and all(t["status"] == "completed" for t in trials.values())
+    for fold in (0, 1):
+        joint = next(t for t in trials.values() if t["strategy"] == "joint" and t["fold"] == fold)
+        hold = next(t for t in trials.values() if t["strategy"] == "hold" and t["fold"] == fold)
+        assert hold["metrics"] == joint["metrics"], f"fold {fold}: same seed, different results"
+
+
+def test_two_node_cluster_survives_losing_a_node(tmp_path, env, monkeypatch):
+    """A Ray cluster of two nodes on loopback addresses; the worker node is stopped while a trial runs on it.
+    The run completes (the lost trial is retried on the head node) and accounts for every trial."""
+    from ray.cluster_utils import Cluster
+
+    # Ray turns 127.0.0.1 into the machine's address unless told this is a one-machine cluster:
+    # then nodes, driver and workers all stay on loopback.
+    release = tmp_path / "release"
+    run_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", MTLBENCH_TEST_RELEASE=str(release))
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "MTLBENCH_TEST_RELEASE", "PYTHONPATH", "MTLBENCH_CACHE_DIR"):
+        monkeypatch.setenv(key, run_env[key])  # the nodes' workers inherit them: the test plugin, the release file
+    # a lost node is noticed within about a second, not after Ray's default 30 s of missed heartbeats
+    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "_system_config": system})
+    try:
+        worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cfg = tmp_path / "tiny.toml"
+        cfg.write_text(CONFIG.replace('[strategies.joint]\ngrid = { "weights.landmarks" = [1.0, 3.0] }\n',
+                                      '[strategies.hold]\nuse = "hold"\n'))
+        out = tmp_path / "run"
+        proc = subprocess.Popen([MTLBENCH, "run", str(cfg), "--out", str(out), "--address", cluster.address],
+                                env=run_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # both hold trials run (one per node) once both single trials are done: then stop the worker node
+            _wait_for(lambda: len(list(out.glob("trials/single*/result.json"))) == 2, proc)
+            _wait_for(lambda: len(list(out.glob("trials/hold*"))) == 2, proc)
+            time.sleep(2.0)
+            cluster.remove_node(worker, allow_graceful=False)
+            release.touch()
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        trials = _results(out)
+        assert len(trials) == 4 and sorted(t["strategy"] for t in trials.values()) == ["hold", "hold", "single", "single"]
+        assert all(t["status"] == "completed" for t in trials.values()), {i: t["status"] for i, t in trials.items()}
+    finally:
+        cluster.shutdown()

@@ -826,3 +826,24 @@ def test_end_to_end_cli_run(tmp_path):
         row = rows[label]
         assert (row["completed"], row["failed"], row["diverged"]) == (2, 0, 0), row
         assert row["mean"] is not None and math.isfinite(row["mean"]), row
+
+
+@pytest.mark.slow
+def test_krum_trains_on_three_tasks(tmp_path):
+    """Krum needs n_byzantine + 3 tasks: segmentation, landmarks and a second segmentation tail."""
+    if not _is_installed():
+        pytest.skip("mtlbench-torchjd is not installed: the benchmark finds plugins by entry point")
+    from mtlbench.testing import run_tiny_benchmark
+
+    run = run_tiny_benchmark(
+        tmp_path,
+        tasks={"landmarks": {}, "segmentation_aux": {"use": "segmentation"}},
+        strategies={"single": {}, "krum": {"use": "jd_krum", "params": {"n_byzantine": 0}}},
+        overrides={"train": {"epochs": 1}},
+    )
+    rows = {row["strategy"]: row for row in run.leaderboard["rows"]}
+    assert (rows["krum"]["completed"], rows["krum"]["failed"]) == (2, 0), rows["krum"]
+    assert math.isfinite(rows["krum"]["mean"])
+    for trial in run.trials:
+        if trial["strategy"] == "krum":
+            assert {"loss/segmentation", "loss/landmarks", "loss/segmentation_aux"} <= set(trial["history"][0]["train"])
