@@ -1,8 +1,8 @@
 """The exceptions mtlbench raises for bad input, each with its CLI exit code.
 
 The CLI prints ``str(error)`` as one line on stderr and exits with
-``error.exit_code``: 2 for usage, configuration and plugin errors, 1 for data
-errors. Anything else is a bug and keeps its traceback.
+``error.exit_code``: 2 for usage, configuration and plugin errors, 1 for data,
+trial and storage errors. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -32,5 +32,15 @@ class DataError(MtlbenchError):
 
 class TrialError(MtlbenchError):
     """A trial failed or diverged."""
+
+    exit_code = 1
+
+
+class StorageError(MtlbenchError):
+    """A file or folder cannot be written or created: disk full, permission denied, read-only file system.
+
+    Raised by :mod:`mtlbench.fsutil` (which names the path mtlbench was writing)
+    instead of a raw ``OSError``; the message is one line.
+    """
 
     exit_code = 1

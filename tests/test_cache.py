@@ -153,7 +153,7 @@ def test_build_writes_the_documented_layout(root):
             ]:
                 ds = g[name]
                 assert ds.dtype == dtype and ds.shape == shape and ds.chunks == chunks, name
-                assert ds.compression == "gzip", name
+                assert ds.compression == "gzip" and ds.fletcher32, name  # format 3: checksummed chunks
                 np.testing.assert_array_equal(ds[...], value)
             assert f[cache_mod.target_path(pid, "landmarks", "heatmaps")].shape == (s, 1) + SIZE
             assert g["targets/landmarks/heatmaps"][...].max() > 0.9

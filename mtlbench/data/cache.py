@@ -1,15 +1,27 @@
 """The HDF5 slice cache: its content key, building it once (atomically, under a lock) and reading it back.
 
-Layout (format 2; docs/results.md describes it for users): file attrs
+Layout (format 3; docs/results.md describes it for users): file attrs
 ``format_version``, ``key``, ``organs``, ``landmarks``, ``settings``,
 ``targets`` (json: task label -> its declared ``Target`` fields),
-``patients`` (json list of ids in source order) and ``complete``; one group
-``/patients/<id>`` per patient with datasets ``image`` (S, H, W) float32,
-``labels`` (S, H, W) uint8, ``orig_labels`` (Z, Y, X) uint8, attrs
-``index_to_physical``, ``geometry``, ``landmark_names``,
-``landmark_positions``, ``files``, and each task's targets under
-``/patients/<id>/targets/<task label>/<target name>`` (per-slice ones with
-the slice axis first, chunked one slice at a time; gzip level 1 + shuffle).
+``patients`` (json list of ids in source order), ``complete`` and
+``attrs_sha256``; one group ``/patients/<id>`` per patient with datasets
+``image`` (S, H, W) float32, ``labels`` (S, H, W) uint8, ``orig_labels``
+(Z, Y, X) uint8, attrs ``index_to_physical``, ``geometry``,
+``landmark_names``, ``landmark_positions``, ``files``, ``attrs_sha256``, and
+each task's targets under ``/patients/<id>/targets/<task label>/<target
+name>`` (per-slice ones with the slice axis first, chunked one slice at a
+time; gzip level 1 + shuffle + fletcher32).
+
+Integrity (format 3): every non-empty dataset carries HDF5's fletcher32
+checksum per chunk, so any read of a damaged chunk fails instead of returning
+wrong numbers; the file and every patient group carry ``attrs_sha256``, the
+sha256 of their other attributes (h5py keeps string attributes in HDF5's
+global heap, which has no checksum of its own); the file is written with
+HDF5 >= 1.10 structures (``libver="v110"``), whose object headers are
+checksummed. Deciding "valid or rebuild" (:func:`cache_problem`) reads every
+dataset once (about 0.3 s for the 20-patient demo cache); readers in
+a trial check the attribute digests of what they open and turn any read
+failure into a one-line DataError naming the file and the patient.
 
 What invalidates a cache (changes its key, hence its file name): the format
 version; any ``[preprocess]`` setting; ``data.organs``, ``data.landmarks``,
@@ -27,14 +39,23 @@ into place when complete, so a cache file is never modified after it appears.
 Readers therefore open it read-only with HDF5 file locking switched off
 (``locking=False``), which keeps parallel readers working on file systems
 without POSIX locks (NFS, some container mounts); no environment variable is
-needed.
+needed. A damaged file at the cache's path is named in a warning and rebuilt
+under the lock.
+
+Storage failures: the builder writes through :class:`_GuardedFile` (h5py's
+``fileobj`` driver) so that a failed write (disk full, quota, I/O error)
+never reaches HDF5 itself, which segfaults on close after such a failure;
+the build stops after the patient being written, the temporary file is
+deleted, and the error is one line naming the cache (a StorageError).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,17 +66,22 @@ import numpy as np
 from mtlbench.api import CachedPatient, DatasetSource, Geometry, Landmark, Target, Task
 from mtlbench.data.preprocess import preprocess_patient
 from mtlbench.errors import DataError
-from mtlbench.fsutil import atomic_path
+from mtlbench.fsutil import atomic_path, storage_errors
 from mtlbench.paths import cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from mtlbench.config import Config
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _BLOCK = 1 << 20
-_COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+_COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
+_LIBVER = "v110"  # HDF5 >= 1.10 structures: checksummed object headers
 _DATASETS = ("image", "labels", "orig_labels")
 TARGETS = "targets"
+ATTRS_DIGEST = "attrs_sha256"
+_REBUILD = "run 'mtlbench data prepare CONFIG' to rebuild it"
+_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # what h5py raises on damaged files
+LOG = logging.getLogger("mtlbench.data")
 
 # (path, size, mtime_ns, inode) -> sha256: files are hashed once per process.
 _HASH_MEMO: dict[tuple[str, int, int, int], str] = {}
@@ -158,10 +184,12 @@ def cache_file(cfg: "Config", key: str) -> Path:
 def build_cache(cfg: "Config", manager: Any = None, progress: bool = False, console: Any = None) -> Path:
     """Return the path of a complete slice cache for ``cfg``, building it first if needed.
 
-    A valid cache (``complete`` set, same key and format version, every patient
-    and target present) is reused untouched. Anything else at that path is
-    deleted and rebuilt. A DataError while loading a patient stops the build
-    and leaves no file behind.
+    A valid cache (see :func:`cache_problem`: complete, same key and format
+    version, every patient and target present, every dataset and attribute
+    digest readable and intact) is reused untouched. Anything else at that
+    path is named in a warning, deleted and rebuilt under the lock. A
+    DataError while loading a patient, or a StorageError while writing,
+    stops the build and leaves no file behind.
     """
     from mtlbench.assemble import make_source, make_tasks
 
@@ -171,14 +199,18 @@ def build_cache(cfg: "Config", manager: Any = None, progress: bool = False, cons
     key = cache_key(cfg, source, tasks, ids)
     path = cache_file(cfg, key)
     declared = {label: [t.name for t in task.targets()] for label, task in tasks.items()}
-    if _is_valid(path, key, ids, declared):
+    if cache_problem(path, key, ids, declared) is None:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(path):
-        if _is_valid(path, key, ids, declared):  # another process built it while we waited
+        problem = cache_problem(path, key, ids, declared)  # another process may have built it while we waited
+        if problem is None:
             return path
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        if problem != ABSENT:
+            LOG.warning("%s: slice cache is damaged (%s); rebuilding it", path, problem)
+        with storage_errors(path):
+            path.unlink(missing_ok=True)
         with atomic_path(path, suffix=".h5") as tmp:
             _write_cache(tmp, cfg, source, tasks, ids, key, progress, console)
     return path
@@ -208,7 +240,9 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         yield
         return
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as fh:
+    with storage_errors(lock_path):
+        fh = open(lock_path, "a")
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -222,25 +256,181 @@ def _open_read(path: str | Path) -> Any:
     return h5py.File(path, "r", locking=False)
 
 
-def _is_valid(path: Path, key: str, ids: Sequence[str], declared: Mapping[str, Sequence[str]]) -> bool:
+# ----------------------------------------------------------------------------- integrity
+
+ABSENT = "no file"
+
+
+def cache_problem(path: Path, key: str, ids: Sequence[str], declared: Mapping[str, Sequence[str]]) -> str | None:
+    """Why the file at ``path`` is not a valid cache for ``key`` (None: it is valid).
+
+    Checks, in order: the file exists (else :data:`ABSENT`), opens as HDF5,
+    is complete, has this key and format version, holds every patient and
+    declared target, every attribute digest matches, and every dataset reads
+    back whole (which checks each chunk's fletcher32 checksum).
+    """
     if not path.is_file():
-        return False
+        return ABSENT
     try:
         with _open_read(path) as f:
-            if not bool(f.attrs.get("complete", False)):
-                return False
-            if f.attrs.get("key") != key or int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-                return False
-            for pid in ids:
-                grp = f.get(f"patients/{pid}")
-                if grp is None or any(name not in grp for name in _DATASETS):
-                    return False
-                for label, names in declared.items():
-                    if any(f"{TARGETS}/{label}/{n}" not in grp for n in names):
-                        return False
-    except Exception:  # unreadable / truncated / not HDF5: rebuild
-        return False
-    return True
+            return _header_problem(f, key) or _layout_problem(f, ids, declared) or _content_problem(f, ids)
+    except _READ_ERRORS as exc:  # unreadable / truncated / not HDF5
+        return f"unreadable: {_one_line(exc)}"
+
+
+def _header_problem(f: Any, key: str | None = None) -> str | None:
+    """Whether the file attributes say complete, this format and (unless None) this key (None: they do)."""
+    if not bool(f.attrs.get("complete", False)):
+        return "incomplete"
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        return f"format {version}, expected {FORMAT_VERSION}"
+    if key is not None and f.attrs.get("key") != key:
+        return "another key"
+    return None
+
+
+def _layout_problem(f: Any, ids: Sequence[str], declared: Mapping[str, Sequence[str]]) -> str | None:
+    """The first patient, dataset or declared target missing from the file (None: all there)."""
+    for pid in ids:
+        grp = f.get(f"patients/{pid}")
+        if grp is None:
+            return f"no patient {pid!r}"
+        missing = [name for name in _DATASETS if name not in grp]
+        missing += [f"{TARGETS}/{label}/{n}" for label, names in declared.items() for n in names if f"{TARGETS}/{label}/{n}" not in grp]
+        if missing:
+            return f"patient {pid!r} has no {missing[0]}"
+    return None
+
+
+def _content_problem(f: Any, ids: Sequence[str]) -> str | None:
+    """The first attribute digest that does not match or dataset that does not read back (None: all intact)."""
+    if attrs_digest(f.attrs) != _stored_digest(f.attrs):
+        return "file attributes do not match their checksum"
+    for pid in ids:
+        grp = f[f"patients/{pid}"]
+        if attrs_digest(grp.attrs) != _stored_digest(grp.attrs):
+            return f"patient {pid!r}: attributes do not match their checksum"
+        for ds in _datasets(grp):
+            try:
+                ds[...]
+            except _READ_ERRORS as exc:
+                return f"{ds.name}: {_one_line(exc)}"
+    return None
+
+
+def _datasets(grp: Any) -> list[Any]:
+    """Every dataset under ``grp``, at any depth."""
+    import h5py
+
+    found: list[Any] = []
+    grp.visititems(lambda _name, node: found.append(node) if isinstance(node, h5py.Dataset) else None)
+    return found
+
+
+def attrs_digest(attrs: Any) -> str:
+    """sha256 hex of an HDF5 object's attributes (names and values, sorted by name), without ``attrs_sha256`` itself."""
+    h = hashlib.sha256()
+    for name in sorted(attrs):
+        if name == ATTRS_DIGEST:
+            continue
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(_attr_bytes(attrs[name]) + b"\0")
+    return h.hexdigest()
+
+
+def _attr_bytes(value: Any) -> bytes:
+    """A canonical byte form of one attribute value as h5py reads it back."""
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8")
+    if isinstance(value, bytes):
+        return b"b" + value
+    arr = np.asarray(value)
+    return f"a{arr.dtype.str}{arr.shape}".encode() + arr.tobytes()
+
+
+def _stored_digest(attrs: Any) -> str | None:
+    value = attrs.get(ATTRS_DIGEST)
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def _seal(obj: Any) -> None:
+    """Store the digest of ``obj``'s attributes as its ``attrs_sha256`` attribute (after all others are set)."""
+    obj.attrs[ATTRS_DIGEST] = attrs_digest(obj.attrs)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception message on one line (h5py's may span several), at most 200 characters."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class _GuardedFile(io.RawIOBase):
+    """The temporary cache file as h5py's ``fileobj`` driver sees it: the first failed write is kept, not reported.
+
+    HDF5 crashes the process when it closes a file after a failed write (a
+    full disk: a dozen ignored tracebacks, then a segfault), so a failed write or truncate
+    is recorded in ``error`` and later ones are skipped while HDF5 is told
+    they succeeded; :meth:`check` raises the recorded OSError once the
+    builder is at a safe point, and the file is then deleted unread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._fh = open(path, "r+b", buffering=0)
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._fh.readinto(buffer) or 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                written = 0
+                while written < len(view):
+                    written += self._fh.write(view[written:]) or 0
+            except OSError as exc:
+                self.error = exc
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._fh.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write went to the file descriptor
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
+
+    def check(self) -> None:
+        """Raise the first failed write's OSError, if any."""
+        if self.error is not None:
+            raise self.error
 
 
 def _write_cache(
@@ -253,18 +443,32 @@ def _write_cache(
     progress: bool,
     console: Any,
 ) -> None:
+    """Write the whole cache into ``tmp``; the first failed write's OSError (once the file is closed) if any."""
+    with _GuardedFile(tmp) as raw:
+        try:
+            _write_hdf5(raw, cfg, source, tasks, ids, key, progress, console)
+        except Exception:
+            raw.check()  # a failed write is the cause of whatever HDF5 did after it
+            raise
+        raw.check()  # closing flushed the last chunks and metadata
+
+
+def _write_hdf5(
+    raw: "_GuardedFile",
+    cfg: "Config",
+    source: DatasetSource,
+    tasks: Mapping[str, Task],
+    ids: list[str],
+    key: str,
+    progress: bool,
+    console: Any,
+) -> None:
+    """The HDF5 content: header, one group per patient (stopping at the first failed write), then ``complete``."""
     import h5py
 
     settings = _settings(cfg, tasks)
-    with h5py.File(tmp, "w") as f, _progress(progress, console, len(ids)) as (show, done):
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["key"] = key
-        f.attrs["organs"] = json.dumps(settings["organs"])
-        f.attrs["landmarks"] = json.dumps(settings["landmarks"])
-        f.attrs["settings"] = json.dumps(settings)
-        f.attrs["targets"] = json.dumps({label: v["targets"] for label, v in settings["tasks"].items()})
-        f.attrs["patients"] = json.dumps(ids)
-        f.attrs["complete"] = False
+    with h5py.File(raw, "w", libver=_LIBVER) as f, _progress(progress, console, len(ids)) as (show, done):
+        _write_header(f, settings, ids, key)
         root = f.create_group("patients")
         for pid in ids:
             show(pid)
@@ -272,11 +476,26 @@ def _write_cache(
             if patient.id != pid:
                 raise DataError(f"dataset source returned patient {patient.id!r} when asked for {pid!r}")
             _write_patient(root.create_group(pid), preprocess_patient(patient, cfg, tasks), tasks)
+            raw.check()
             done()
         f.attrs["complete"] = True
+        _seal(f)
+
+
+def _write_header(f: Any, settings: dict[str, Any], ids: list[str], key: str) -> None:
+    """The file attributes, ``complete`` still false."""
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["key"] = key
+    f.attrs["organs"] = json.dumps(settings["organs"])
+    f.attrs["landmarks"] = json.dumps(settings["landmarks"])
+    f.attrs["settings"] = json.dumps(settings)
+    f.attrs["targets"] = json.dumps({label: v["targets"] for label, v in settings["tasks"].items()})
+    f.attrs["patients"] = json.dumps(ids)
+    f.attrs["complete"] = False
 
 
 def _write_patient(grp: Any, p: CachedPatient, tasks: Mapping[str, Task]) -> None:
+    """One patient's group: arrays (checksummed chunks), attributes, targets, then the attribute digest."""
     s, h, w = p.image.shape
     grp.create_dataset("image", data=p.image, chunks=(1, h, w), **_COMPRESSION)
     grp.create_dataset("labels", data=p.labels, chunks=(1, h, w), **_COMPRESSION)
@@ -297,6 +516,7 @@ def _write_patient(grp: Any, p: CachedPatient, tasks: Mapping[str, Task]) -> Non
                 tgrp.create_dataset(t.name, data=arr, chunks=(1,) + arr.shape[1:], **_COMPRESSION)
             else:
                 tgrp.create_dataset(t.name, data=arr, **_COMPRESSION)
+    _seal(grp)
 
 
 @contextlib.contextmanager
@@ -361,24 +581,31 @@ class SliceData:
 
 @contextlib.contextmanager
 def _open_complete(path: str | Path) -> Iterator[Any]:
+    """The open cache file, after checking it is complete, of this format and its attributes intact (else DataError)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: slice cache not found (run 'mtlbench data prepare CONFIG')")
     try:
         f = _open_read(p)
     except OSError as exc:
-        raise DataError(f"{p}: not a readable HDF5 slice cache ({exc})") from None
+        raise DataError(f"{p}: not a readable HDF5 slice cache ({_one_line(exc)}); {_REBUILD}") from None
     with f:
-        if not bool(f.attrs.get("complete", False)):
+        try:
+            problem = _header_problem(f)
+            intact = problem is not None or attrs_digest(f.attrs) == _stored_digest(f.attrs)
+        except _READ_ERRORS as exc:
+            raise DataError(f"{p}: slice cache is damaged ({_one_line(exc)}); {_REBUILD}") from None
+        if problem == "incomplete":
             raise DataError(f"{p}: slice cache is incomplete (run 'mtlbench data prepare CONFIG')")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DataError(f"{p}: slice cache format {version}, expected {FORMAT_VERSION}; prepare it again")
+        if problem is not None:
+            raise DataError(f"{p}: slice cache {problem}; prepare it again")
+        if not intact:
+            raise DataError(f"{p}: slice cache is damaged (file attributes do not match their checksum); {_REBUILD}")
         yield f
 
 
 def open_cache(path: str | Path) -> CacheInfo:
-    """Read a complete cache's metadata (DataError if missing, incomplete or of another format)."""
+    """Read a complete cache's metadata (DataError if missing, incomplete, damaged or of another format)."""
     with _open_complete(path) as f:
         a = f.attrs
         ids = tuple(json.loads(a["patients"])) if "patients" in a else tuple(f["patients"].keys())
@@ -400,10 +627,28 @@ def open_cache(path: str | Path) -> CacheInfo:
         )
 
 
+@contextlib.contextmanager
+def _reading(path: str | Path, pid: str) -> Iterator[None]:
+    """Turn h5py's failure to read patient ``pid`` into a one-line DataError naming the cache and the patient.
+
+    A chunk failing its fletcher32 check, damaged metadata or a truncated
+    file make h5py raise OSError (sometimes KeyError, RuntimeError, ...).
+    """
+    try:
+        yield
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: patient {pid!r}: slice cache is damaged ({_one_line(exc)}); {_REBUILD}") from None
+
+
 def _patient_group(f: Any, path: str | Path, pid: str) -> Any:
+    """Patient ``pid``'s group, after checking its attributes against their digest (DataError if absent or damaged)."""
     grp = f.get(f"patients/{pid}") if pid and "/" not in pid else None
     if grp is None:
         raise DataError(f"{path}: no patient {pid!r} in the slice cache")
+    with _reading(path, pid):
+        intact = attrs_digest(grp.attrs) == _stored_digest(grp.attrs)
+    if not intact:
+        raise DataError(f"{path}: patient {pid!r}: slice cache is damaged (attributes do not match their checksum); {_REBUILD}")
     return grp
 
 
@@ -432,13 +677,14 @@ def load_slices(
     ``tasks`` limits the per-slice targets to those task labels (default: all
     in the cache). ``only_with_organs`` keeps only slices with any organ label
     (plus ``margin`` slices either side); the cache itself always holds every slice.
+    A damaged cache is a DataError naming the file and the patient.
     """
     ids = list(patient_ids)
     info = open_cache(path)
     wanted = [(label, t) for label, t in info.slice_targets() if tasks is None or label in tasks]
     with _open_complete(path) as f:
         groups = [_patient_group(f, path, pid) for pid in ids]
-        keep = [selected_slices(g["labels"][...], only_with_organs, margin) for g in groups]
+        keep = [selected_slices(_array(g, "labels", path, pid), only_with_organs, margin) for g, pid in zip(groups, ids)]
         total = int(sum(len(k) for k in keep))
         h, w = info.slice_size
         out = SliceData(
@@ -452,18 +698,30 @@ def load_slices(
             patients=ids,
         )
         start = 0
-        for n, (grp, sel) in enumerate(zip(groups, keep)):
+        for n, (pid, grp, sel) in enumerate(zip(ids, groups, keep)):
             stop = start + len(sel)
-            full = len(sel) == grp["image"].shape[0]
-            pick = (lambda a: a) if full else (lambda a: a[sel])
-            out.image[start:stop] = pick(grp["image"][...])
-            out.labels[start:stop] = pick(grp["labels"][...])
-            for label, t in wanted:
-                out.targets[f"{label}/{t.name}"][start:stop] = pick(_dataset(grp, path, label, t.name)[...])
+            for key, arr in _slice_arrays(grp, path, pid, wanted).items():
+                target = getattr(out, key) if key in ("image", "labels") else out.targets[key]
+                target[start:stop] = arr if len(sel) == arr.shape[0] else arr[sel]
             out.patient_index[start:stop] = n
             out.slice_index[start:stop] = sel
             start = stop
     return out
+
+
+def _slice_arrays(grp: Any, path: str | Path, pid: str, wanted: Sequence[tuple[str, Target]]) -> dict[str, np.ndarray]:
+    """One patient's ``image``, ``labels`` and wanted per-slice targets (keyed ``<label>/<name>``), read whole."""
+    arrays = {"image": _array(grp, "image", path, pid), "labels": _array(grp, "labels", path, pid)}
+    for label, t in wanted:
+        _dataset(grp, path, label, t.name)  # a clear error when the target is missing
+        arrays[f"{label}/{t.name}"] = _array(grp, f"{TARGETS}/{label}/{t.name}", path, pid)
+    return arrays
+
+
+def _array(grp: Any, name: str, path: str | Path, pid: str) -> np.ndarray:
+    """The whole dataset ``name`` of patient ``pid``'s group (a read failure is a DataError naming file and patient)."""
+    with _reading(path, pid):
+        return grp[name][...]
 
 
 def _dataset(grp: Any, path: str | Path, label: str, name: str) -> Any:
@@ -474,29 +732,29 @@ def _dataset(grp: Any, path: str | Path, label: str, name: str) -> Any:
 
 
 def load_patient(path: str | Path, pid: str, arrays: bool = True) -> CachedPatient:
-    """Everything the cache holds about patient ``pid`` (DataError if unknown).
+    """Everything the cache holds about patient ``pid`` (DataError if unknown, or naming the file and patient if damaged).
 
     ``arrays=False`` reads only the metadata (grid, geometry, landmarks): the
     image, label maps and targets come back empty.
     """
     with _open_complete(path) as f:
         grp = _patient_group(f, path, pid)
-        names = json.loads(grp.attrs["landmark_names"])
-        positions = np.asarray(grp.attrs["landmark_positions"], dtype=np.float64).reshape(-1, 3)
-        targets: dict[str, dict[str, np.ndarray]] = {}
-        if arrays and TARGETS in grp:
-            for label, tgrp in grp[TARGETS].items():
-                targets[label] = {name: ds[...] for name, ds in tgrp.items()}
+        with _reading(path, pid):
+            attrs = {name: grp.attrs[name] for name in grp.attrs}
+            shape = tuple(int(v) for v in grp["image"].shape)
+            names = {label: list(tgrp) for label, tgrp in grp[TARGETS].items()} if arrays and TARGETS in grp else {}
+        targets = {label: {n: _array(grp, f"{TARGETS}/{label}/{n}", path, pid) for n in ns} for label, ns in names.items()}
         empty = np.zeros((0, 0, 0), dtype=np.float32)
+        positions = np.asarray(attrs["landmark_positions"], dtype=np.float64).reshape(-1, 3)
         return CachedPatient(
             id=pid,
-            shape=tuple(int(v) for v in grp["image"].shape),  # type: ignore[arg-type]
-            image=grp["image"][...] if arrays else empty,
-            labels=grp["labels"][...] if arrays else empty.astype(np.uint8),
-            orig_labels=grp["orig_labels"][...] if arrays else empty.astype(np.uint8),
-            index_to_physical=np.asarray(grp.attrs["index_to_physical"], dtype=np.float64),
-            geometry=Geometry.from_dict(json.loads(grp.attrs["geometry"])),
-            landmarks=[Landmark(n, tuple(float(v) for v in pos)) for n, pos in zip(names, positions)],
-            files=json.loads(grp.attrs["files"]),
+            shape=shape,  # type: ignore[arg-type]
+            image=_array(grp, "image", path, pid) if arrays else empty,
+            labels=_array(grp, "labels", path, pid) if arrays else empty.astype(np.uint8),
+            orig_labels=_array(grp, "orig_labels", path, pid) if arrays else empty.astype(np.uint8),
+            index_to_physical=np.asarray(attrs["index_to_physical"], dtype=np.float64),
+            geometry=Geometry.from_dict(json.loads(attrs["geometry"])),
+            landmarks=[Landmark(n, tuple(float(v) for v in pos)) for n, pos in zip(json.loads(attrs["landmark_names"]), positions)],
+            files=json.loads(attrs["files"]),
             targets=targets,
         )

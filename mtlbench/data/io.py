@@ -375,6 +375,16 @@ def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry, dtype:
             sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
         except RuntimeError as exc:
             raise DataError(f"{path}: cannot write volume: {_short(exc)}") from None
+        # SimpleITK's NIfTI writer ignores a full disk (a 0-byte or cut file, no error):
+        # read the written file's header and count its voxel bytes before it is published.
+        try:
+            if Path(tmp).stat().st_size == 0:
+                raise DataError(f"{tmp}: empty")
+            check_complete(tmp)
+        except (DataError, OSError):
+            from mtlbench.errors import StorageError
+
+            raise StorageError(f"{path}: cannot write (the written file is incomplete: is the disk full?)") from None
 
 
 def check_same_grid(image_geometry: Geometry, mask_geometry: Geometry, tol: float = 1e-3) -> str | None:
