@@ -435,6 +435,16 @@ class Task:
         """What the report shows of this task on slice ``index`` of a test patient (optional)."""
         return []
 
+    def combine(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """One output from several models' outputs for the same volume, for ``predict``'s fold ensemble.
+
+        Each is this task's raw model output over a patient's slices, (S, C, H, W).
+        The default is the mean; a classification task averages probabilities
+        instead (the built-in segmentation returns the log of the mean softmax,
+        so whatever reads logits reads the ensemble unchanged).
+        """
+        return np.mean(np.stack([np.asarray(o, dtype=np.float32) for o in outputs]), axis=0)
+
     def reference(self, volume: EvalVolume, train: Sequence[CachedPatient]) -> dict[str, float]:
         """Metrics of a trivial predictor on this test patient, for the metrics it applies to (optional).
 
