@@ -46,12 +46,24 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a file-system failure no mtlbench check worded: still one line, exit 1
+            if _STATE["debug"]:
+                raise
+            typer.echo(f"error: {os_error_line(exc)}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             hint = _STATE.get("resume_hint")
             typer.echo("interrupted" + (f"; finished trials are kept. Continue with: {hint}" if hint else ""), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<file>: <reason>`` for an OSError (both files of a failed rename), on one line."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {reason}" if files else reason
 
 
 def _version(value: bool) -> None:
@@ -73,9 +85,20 @@ def _setup_logging() -> None:
     """mtlbench's data warnings (a dropped landmark, a resampled mask) as one line each on stderr."""
     import logging
 
+    class _Stderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is at the time (a test runner swaps it between invocations)."""
+
+        @property  # type: ignore[override]
+        def stream(self):  # noqa: D401
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
     log = logging.getLogger("mtlbench")
     if not any(getattr(h, "_mtlbench", False) for h in log.handlers):
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         handler.setLevel(logging.WARNING)
         handler._mtlbench = True  # type: ignore[attr-defined]
@@ -244,13 +267,21 @@ def _print_trial(record: dict) -> None:
 @app.command("predict")
 @handle_errors
 def predict_cmd(
-    trial_dir: Path = typer.Argument(..., help="A finished trial folder (from train or run)."),
-    out: Path = typer.Option(..., "--out", help="Folder for the prediction files."),
+    source: Path = typer.Argument(..., help="A finished trial folder, or with -i a run folder (fold ensemble)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the prediction files."),
+    images: Optional[Path] = typer.Option(
+        None, "--input", "-i", help="New images: one volume file or a folder of them (nnU-Net's case_0000 names work)."
+    ),
+    strategy: Optional[str] = typer.Option(
+        None, "--strategy", help="With a run folder: the leaderboard row whose fold models are ensembled (default: the baseline)."
+    ),
 ) -> None:
-    """Write the trial's predictions for its test patients (label maps, .fcsv landmarks)."""
-    from mtlbench.engine.predict import predict_trial
+    """Write predictions (label maps on each image's grid, .fcsv landmarks): of a trial for its test patients,
+    or with -i of a run's fold ensemble (or one trial) for new images, with a labels.json naming every label."""
+    from mtlbench.engine.predict import predict_images, predict_trial
 
-    for path in predict_trial(trial_dir, out):
+    paths = predict_trial(source, out) if images is None else predict_images(source, images, out, strategy)
+    for path in paths:
         typer.echo(str(path))
 
 
@@ -296,6 +327,9 @@ def run_cmd(
         if config is None:
             raise ConfigError("run needs a benchmark CONFIG (or --resume --out RUN_DIR)")
         cfg = load(config, profile, set_, auto_profile=True)
+        from mtlbench.config import check_trainable
+
+        check_trainable(cfg, str(config))
     run_dir = out or default_run_dir(cfg)
     _STATE["resume_hint"] = f"mtlbench run --resume --out {run_dir}"
     results = run_experiment(cfg, run_dir, address=address, resume=resume, console=out_console)
@@ -325,6 +359,26 @@ def leaderboard_cmd(
         render_leaderboard(board, console())
 
 
+@app.command("compare")
+@handle_errors
+def compare_cmd(
+    run_dirs: List[Path] = typer.Argument(..., help="Two or more run folders of the same split (splits.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list."),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="Rank by this metric key (default: the first run's main metric)."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", "-b", help="The row every other is tested against: RUN:LABEL (default: the first run's baseline)."
+    ),
+) -> None:
+    """One leaderboard across runs: rows RUN:STRATEGY, paired tests over the folds and patients they share."""
+    from mtlbench.report.compare import compare_runs, render_comparison
+
+    board = compare_runs(run_dirs, metric, baseline)
+    if as_json:
+        typer.echo(json.dumps(board, indent=2, default=str))
+    else:
+        render_comparison(board, console())
+
+
 @app.command("export")
 @handle_errors
 def export_cmd(
@@ -340,11 +394,19 @@ def export_cmd(
 
 @app.command("report")
 @handle_errors
-def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Write RUN_DIR/report.md with the leaderboard and the plots."""
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    html: bool = typer.Option(False, "--html", help="Also write RUN_DIR/report.html: self-contained, opens offline."),
+    replot: bool = typer.Option(False, "--replot", help="Redraw the figures even when RUN_DIR/plots has them."),
+) -> None:
+    """Write RUN_DIR/report.md (and with --html report.html) with the leaderboard and the plots."""
     from mtlbench.report.markdown import write_report
 
-    typer.echo(str(write_report(run_dir)))
+    typer.echo(str(write_report(run_dir, replot=replot)))
+    if html:
+        from mtlbench.report.html import write_html_report
+
+        typer.echo(str(write_html_report(run_dir)))
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

@@ -1,4 +1,4 @@
-"""The built-in ``segmentation`` task: organ label maps learned with cross entropy (+ soft Dice), scored by IoU, Dice and HD95."""
+"""The built-in ``segmentation`` task: organ label maps learned with cross entropy (+ soft Dice), scored by IoU, Dice, HD95 and NSD."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def _nanmean(values: list[float]) -> float:
 class SegmentationParams(Params):
     dice_weight: float = Field(0.0, ge=0, description="weight of the soft Dice loss added to cross entropy")
     hd95: bool = Field(True, description="compute HD95 (mm) in the final evaluation")
+    hd95_convention: Literal["pooled", "max_directed"] = Field(
+        "max_directed",
+        description="HD95 as the larger of the two directed 95th percentiles (MONAI, Metrics Reloaded; the default) "
+        "or of both directions' surface distances pooled (medpy)",
+    )
+    nsd_tolerance_mm: float | None = Field(
+        None, gt=0, description="compute NSD (normalised surface Dice) at this tolerance in mm in the final evaluation; none = no NSD"
+    )
 
 
 class Segmentation(Task):
@@ -40,12 +48,14 @@ class Segmentation(Task):
     organ on the cache grid. Final evaluation: the output is resampled to the
     original grid (``engine.resample.labels_to_original``) and compared with the
     original label map: IoU, Dice and, with ``hd95``, HD95 in mm per organ
-    (definitions in ``engine.metrics``). Both-empty organs give NaN and are left
-    out of the means.
+    (``hd95_convention``), with ``nsd_tolerance_mm``, NSD at that tolerance per
+    organ (definitions in ``engine.metrics``; both read one surface-distance
+    computation per organ). Both-empty organs give NaN and are left out of the
+    means (HD95 also when only one mask is empty; NSD is then 0).
     """
 
     name = "segmentation"
-    description = "organ segmentation: cross entropy (+ optional soft Dice); IoU, Dice, HD95 per organ"
+    description = "organ segmentation: cross entropy (+ optional soft Dice); IoU, Dice, HD95 (+ optional NSD) per organ"
     kind = "classification"
     head = "conv"
     Params = SegmentationParams
@@ -68,8 +78,7 @@ class Segmentation(Task):
 
     def metrics(self) -> dict[str, MetricInfo]:
         out: dict[str, MetricInfo] = {}
-        kinds = ["iou", "dice"] + (["hd95"] if self.params.hd95 else [])
-        for kind in kinds:
+        for kind in ["iou", "dice"] + self._surface_kinds():
             info = MetricInfo(False, "mm", (0.0, None)) if kind == "hd95" else MetricInfo(True, "", (0.0, 1.0))
             for organ in self.info.organs:
                 out[f"{kind}_{organ}"] = info
@@ -99,11 +108,16 @@ class Segmentation(Task):
             raise ValueError(
                 f"patient {volume.patient}: original label map has shape {ref.shape}, geometry gives {pred.shape}"
             )
-        hd: dict[int, float] = {}
-        if self.params.hd95:
+        surface: dict[str, dict[int, float]] = {kind: {} for kind in self._surface_kinds()}
+        if surface:
             spacing_zyx = tuple(reversed(volume.geometry.spacing))
-            hd = {i: metrics.hd95(pred == i, ref == i, spacing_zyx) for i in range(1, n + 1)}
-        return self._scores(metrics.overlap(pred, ref, n), hd)
+            for i in range(1, n + 1):
+                d = metrics.surface_distances_of(pred == i, ref == i, spacing_zyx)  # shared by HD95 and NSD
+                if "hd95" in surface:
+                    surface["hd95"][i] = d.hd95(self.params.hd95_convention)
+                if "nsd" in surface:
+                    surface["nsd"][i] = d.nsd(self.params.nsd_tolerance_mm)
+        return self._scores(metrics.overlap(pred, ref, n), surface)
 
     def export(self, volume: EvalVolume, out_dir: Path) -> list[Path]:
         """Write ``<patient>_labels.nii.gz``: the predicted label map on the original grid (uint8).
@@ -117,18 +131,33 @@ class Segmentation(Task):
         write_volume(path, labels_to_original(np.asarray(volume.output), volume.geometry), volume.geometry, np.uint8)
         return [path]
 
+    def combine(self, outputs) -> np.ndarray:
+        """The fold ensemble: log of the mean of the models' softmax probabilities (nnU-Net averages
+        probabilities too); as logits, softmax gives back the mean probabilities."""
+        probs = None
+        for out in outputs:
+            logits = np.asarray(out, dtype=np.float32)
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            probs = p if probs is None else probs + p
+        return np.log(np.maximum(probs / len(outputs), np.finfo(np.float32).tiny))
+
     def pictures(self, volume: EvalVolume, index: int) -> list[Picture]:
         """Ground-truth and predicted organ labels of the slice, drawn over the CT."""
         pred = np.asarray(volume.output[index]).argmax(axis=0).astype(np.uint8)
         return [Picture("organs", "labels", np.asarray(volume.labels[index], dtype=np.uint8), pred)]
 
-    def _scores(self, ov: dict[int, tuple[float, float]], hd: dict[int, float]) -> dict[str, float]:
+    def _surface_kinds(self) -> list[str]:
+        """The surface-distance metrics of the final evaluation: ``hd95`` and/or ``nsd``."""
+        return (["hd95"] if self.params.hd95 else []) + (["nsd"] if self.params.nsd_tolerance_mm is not None else [])
+
+    def _scores(self, ov: dict[int, tuple[float, float]], surface: dict[str, dict[int, float]]) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, organ in enumerate(self.info.organs, start=1):
             out[f"iou_{organ}"], out[f"dice_{organ}"] = ov[i]
-            if hd:
-                out[f"hd95_{organ}"] = hd[i]
-        for kind in ["iou", "dice"] + (["hd95"] if hd else []):
+            for kind, values in surface.items():
+                out[f"{kind}_{organ}"] = values[i]
+        for kind in ["iou", "dice"] + list(surface):
             out[f"{kind}_mean"] = _nanmean([out[f"{kind}_{o}"] for o in self.info.organs])
         return out
 

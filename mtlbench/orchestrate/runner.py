@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mtlbench.config import Config, check_trainable, to_toml
+from mtlbench.engine.tracking import epoch_scalars, final_scalars, mlflow_key
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.errors import ConfigError, DataError
 from mtlbench.fsutil import write_text
@@ -63,11 +64,43 @@ def _trainable(config: dict[str, Any], data: Any = None, setup: dict[str, Any] |
 
     def on_epoch(entry: dict[str, Any]) -> None:
         value = entry.get("metrics", {}).get(main, float("nan"))
-        tune.report({"epoch": entry["epoch"], "main_metric": value, "done": False})
+        # every scalar of the epoch (what MLflow logs), at step = epoch (timesteps_total)
+        tune.report({**_scalars(epoch_scalars(entry)), "epoch": entry["epoch"], "timesteps_total": entry["epoch"],
+                     "main_metric": value, "done": False})
 
     record = run_trial(cfg, spec, setup["cache"], setup["folds"], out, data=data, cpus=setup["cpus"], on_epoch=on_epoch)
-    tune.report({"epoch": len(record["history"]), "main_metric": record["metrics"].get(main, float("nan")),
-                 "status": record["status"], "done": True})
+    epochs = len(record["history"])
+    tune.report({**_scalars(final_scalars(record["metrics"])), "epoch": epochs, "timesteps_total": epochs,
+                 "main_metric": record["metrics"].get(main, float("nan")), "status": record["status"], "done": True})
+
+
+def _scalars(tags: dict[str, float]) -> dict[str, float]:
+    """Tracking scalars as Ray result keys that are valid MLflow metric names."""
+    return {mlflow_key(k): v for k, v in tags.items()}
+
+
+def _trial_name(trial: Any) -> str:
+    """Ray's name of a trial (MLflow's run name): the mtlbench trial id."""
+    return TrialSpec(**trial.config["trial"]).id
+
+
+def _mlflow_callbacks(cfg: Config) -> list[Any]:
+    """Ray's MLflowLoggerCallback for ``[run.mlflow]`` (one MLflow run per trial), or nothing."""
+    ml = cfg.run.mlflow
+    if ml is None or not ml.enabled:
+        return []
+    from urllib.parse import urlparse
+
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = ml.tracking_uri
+    if uri is not None and urlparse(uri).scheme in ("", "file"):
+        # a local folder: absolute (the driver's working directory now), and MLflow 3's file-store opt-in
+        path = Path(urlparse(uri).path if uri.startswith("file:") else uri).expanduser().resolve()
+        uri = path.as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=ml.experiment_name or cfg.experiment.name,
+                                 tags=dict(ml.tags))]
 
 
 @contextlib.contextmanager
@@ -288,13 +321,14 @@ def _tune(
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([asdict(s) for s in pending])},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True,
+                                            trial_name_creator=_trial_name),
                 run_config=tune.RunConfig(
                     name=attempt,
                     storage_path=str(storage),
                     failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
                     verbose=0,
-                    callbacks=[display],
+                    callbacks=[display, *_mlflow_callbacks(cfg)],
                 ),
             )
             with display.live():
