@@ -400,7 +400,8 @@ class _LiveDisplayMixin:
     def live(self) -> Iterator[None]:
         from rich.live import Live
 
-        with Live(self.render(), console=self.console, refresh_per_second=2, transient=True) as live:
+        # get_renderable: every refresh re-renders, so the clock and the estimate move between trial events
+        with Live(console=self.console, refresh_per_second=2, transient=True, get_renderable=self.render) as live:
             self._live = live
             try:
                 yield
@@ -413,7 +414,7 @@ class _LiveDisplayMixin:
 
     def _update(self) -> None:
         if self._live is not None:
-            self._live.update(self.render())
+            self._live.refresh()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.state[self._id(trial)] = {"status": "running", "epoch": 0, "metric": float("nan"), "t0": time.time()}
@@ -439,6 +440,21 @@ class _LiveDisplayMixin:
         st["status"] = "failed"
         self._update()
 
+    def epochs_done(self) -> float:
+        """Trial-epochs trained so far: a finished trial counts all its epochs, a running one those it reported."""
+        done = 0.0
+        for st in self.state.values():
+            done += self.epochs if st.get("status", "running") != "running" else min(st.get("epoch", 0), self.epochs)
+        return done
+
+    def remaining(self) -> float | None:
+        """Seconds left, from the rate of trial-epochs so far (known after the first epoch, not the first trial)."""
+        done, total = self.epochs_done(), self.total * self.epochs
+        elapsed = time.time() - self.start
+        if done <= 0 or elapsed <= 0:
+            return None
+        return (total - done) * elapsed / done
+
     def summary(self) -> str:
         """One line: trials done / running / pending / failed / diverged, elapsed and remaining time."""
         counts = {"completed": 0, "running": 0, "failed": 0, "diverged": 0}
@@ -446,21 +462,25 @@ class _LiveDisplayMixin:
             counts[st.get("status", "running")] = counts.get(st.get("status", "running"), 0) + 1
         finished = counts["completed"] + counts["failed"] + counts["diverged"]
         pending = self.total - finished - counts["running"]
-        elapsed = time.time() - self.start
-        eta = "?"
-        if self.durations:
-            mean = sum(self.durations) / len(self.durations)
-            remaining = (self.total - finished) * mean / max(1, self.concurrency)
-            eta = _fmt(remaining)
+        left = self.remaining()
         return (
             f"trials: {counts['completed']} done, {counts['running']} running, {pending} pending, "
-            f"{counts['failed']} failed, {counts['diverged']} diverged — elapsed {_fmt(elapsed)}, remaining ~{eta}"
+            f"{counts['failed']} failed, {counts['diverged']} diverged — elapsed {_fmt(time.time() - self.start)}, "
+            f"remaining ~{'?' if left is None else _fmt(left)}"
         )
 
     def render(self) -> Any:
+        """The bar (trial-epochs done of all), the summary line, and a table of the running trials."""
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=self.summary(), title_justify="left", expand=False)
+        total = max(1, self.total * self.epochs)
+        done = self.epochs_done()
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=total, completed=done, width=40), Text(f"{100 * done / total:3.0f}%"))
+        table = Table(expand=False)
         table.add_column("running trial")
         table.add_column("epoch", justify="right")
         table.add_column("main metric", justify="right")
@@ -468,7 +488,7 @@ class _LiveDisplayMixin:
             if st.get("status") == "running":
                 m = st.get("metric", float("nan"))
                 table.add_row(tid, f"{st.get('epoch', 0)}/{self.epochs}", "-" if m != m else f"{m:.4f}")
-        return table
+        return Group(bar, Text(self.summary()), table) if table.row_count else Group(bar, Text(self.summary()))
 
 
 def _fmt(seconds: float) -> str:
