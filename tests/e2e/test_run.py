@@ -93,6 +93,7 @@ def run(tmp_path_factory, env) -> Path:
     r = _mtlbench(["run", str(cfg), "--out", str(out)], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (d / "stdout.txt").write_text(r.stdout)
+    (d / "stderr.txt").write_text(r.stderr)
     return out
 
 
@@ -154,9 +155,16 @@ def test_plots_and_report(run, env):
 
 
 def test_terminal_output(run):
+    """The leaderboard on stdout, and not one line from Ray on the terminal: Ray's messages go to ray.log."""
+    import re
+
     text = (run.parent / "stdout.txt").read_text()
     assert "single" in text and "baseline" in text
     assert (run / "ray.log").is_file()
+    err = (run.parent / "stderr.txt").read_text()
+    for line in (text + "\n" + err).splitlines():
+        assert not re.search(r"Failed to fetch|\(raylet\)|\(pid=|WARNING|INFO |Traceback|ray\.|Tune", line), line
+    assert all(not l.strip() or l.startswith(("warning:", "No GPU found")) for l in err.splitlines()), err
 
 
 def test_predict_from_run_trial(run, env, tmp_path):
