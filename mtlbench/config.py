@@ -138,6 +138,17 @@ class TrainConfig(Section):
     eval_every: PositiveInt = 1
     grad_norm_every: Annotated[Int, Field(ge=0)] = 25
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The step's numerics; mtlbench.devices.step_settings decides what "auto" means per device.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto"] | Bool = "auto"
+    compile: Literal["auto"] | Bool = "auto"
+
+    @field_validator("channels_last", "compile", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if v != "auto" and not isinstance(v, bool):
+            raise ValueError('must be true, false or "auto"')
+        return v
 
 
 class AugmentConfig(Section):

@@ -23,9 +23,11 @@ from mtlbench.api import CachedPatient, EvalVolume, StepContext, Target
 from mtlbench.assemble import make_heads, make_strategy, make_tasks, train_config
 from mtlbench.config import Config, TrainConfig
 from mtlbench.data.cache import SliceData, load_patient, load_slices
-from mtlbench.devices import choose_device, memory_format, set_threads
+from mtlbench.devices import choose_device, memory_format, set_threads, step_settings
 from mtlbench.engine.augment import LABELS_RULE, random_affine
+from mtlbench.engine.checkpoint import save_checkpoint
 from mtlbench.engine.model import MultiTaskModel, build_model
+from mtlbench.engine.tracking import TENSORBOARD, TrialTracker
 from mtlbench.engine.trialspec import TrialSpec
 from mtlbench.errors import ConfigError, TrialError
 from mtlbench.fsutil import atomic_path, write_json
@@ -226,6 +228,7 @@ def run_trial(
     comp = build_components(cfg, spec, manager)
     tc = comp.train
     device = choose_device(tc.device)
+    settings = step_settings(device, tc)  # autocast dtype, memory format, compile (mtlbench.devices)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     threads = set_threads(cpus) if device == "cpu" else None
@@ -248,8 +251,11 @@ def run_trial(
     if missing_targets:
         raise ConfigError(f"the slice data lacks the targets {', '.join(missing_targets)}; prepare the cache again")
 
-    fmt = memory_format(device)
+    fmt = settings.memory_format
     model = make_model(cfg, comp).to(device=device, memory_format=fmt)
+    if settings.compile:  # in place: parameter names and checkpoints stay those of the plain model
+        for part in (model.trunk, *model.tails.values()):
+            part.compile()
     strategy = comp.strategy
     groups = [
         {"params": list(model.parameters()), "weight_decay": tc.weight_decay},
@@ -282,9 +288,12 @@ def run_trial(
         "test_patients": list(fold["test"]),
         "train_patients": list(fold["train"]),
         "cache": str(Path(cache_path).resolve()),
+        "step_settings": settings.to_record(),  # what ran: precision, channels-last, compile, and why
     }
     step = 0
     status, error = "completed", None
+    info = {k: record[k] for k in ("id", "fold", "strategy", "params", "seed")}
+    tracker = TrialTracker(out_dir / TENSORBOARD, cfg.run.tensorboard, info)  # live TensorBoard scalars
     try:
         for epoch in range(tc.epochs):
             te = time.time()
@@ -299,8 +308,10 @@ def run_trial(
                 image, targets = _batch(data, idx, keys, device)
                 image, targets = random_affine(image, targets, rules, cfg.augment, gen)
                 names = strategy.tasks_for_step(step)
-                outputs, features = model.forward_with_features(image, names)  # only this step's tails
-                losses = {t: comp.tasks[t].loss(outputs[t], task_batch(t, targets)) for t in names}
+                with settings.autocast():  # forward and losses only; the strategy's backward runs outside
+                    outputs, features = model.forward_with_features(image, names)  # only this step's tails
+                    # float32 outputs in, float32 losses out (no-ops in fp32): no task or strategy sees bf16 losses
+                    losses = {t: comp.tasks[t].loss(outputs[t].float(), task_batch(t, targets)).float() for t in names}
                 for t, l in losses.items():
                     if not torch.isfinite(l):
                         raise Diverged(f"loss of task {t!r} became {float(l)} at epoch {epoch + 1}, step {step}")
@@ -336,20 +347,23 @@ def run_trial(
                 entry["metrics"] = metrics
             entry["time_s"] = time.time() - te
             history.append(entry)
+            tracker.epoch(entry)
             if on_epoch is not None:
                 on_epoch(entry)
         train_records = [load_patient(cache_path, p, arrays=False) for p in fold["train"]]
         metrics, per_patient, outputs = evaluate(model, comp, records, device, final=True, train=train_records)
         reference = metrics.pop("reference", {})
+        tracker.final(metrics)
         if records:
             with atomic_path(out_dir / EXAMPLE, suffix=".npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **example_arrays(records[0], outputs[records[0].id], comp))
-        with atomic_path(out_dir / CHECKPOINT, suffix=".pt") as tmp:
-            torch.save({"model": model.state_dict(), "strategy": strategy.state_dict()}, tmp)
+        save_checkpoint(out_dir / CHECKPOINT, {"model": model.state_dict(), "strategy": strategy.state_dict()})
     except Diverged as exc:
         status, error = "diverged", str(exc)
         metrics, per_patient, reference = {}, [], {}
+    finally:
+        tracker.close()
     record.update(
         status=status,
         error=error,
