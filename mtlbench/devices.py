@@ -177,13 +177,16 @@ def step_settings(device: str, train_cfg: Any = None) -> StepSettings:
       else fp32. "bf16" on a device without it is a one-line ConfigError.
       fp16 is not offered: it needs loss scaling, which strategies that take
       per-task gradients (pcgrad, gradnorm, torchjd) would each have to undo.
-    - channels_last auto: on for CPU (oneDNN's convolutions are faster in it,
-      benchmarks/perf/bench_precision.py), on a GPU only with bf16 autocast
-      (cuDNN's tensor-core convolutions are channels-last; in fp32 the old
-      contiguous default stays, as nothing was measured on a GPU).
-    - compile auto: off. Compiling costs seconds to minutes in every trial
-      process (each Ray trial is a new one), more than a short trial saves;
-      set ``train.compile = true`` for long GPU trials.
+    - channels_last auto: on for CPU (the ``cpu`` profile's step is 4-20%
+      faster in it; benchmarks/perf/bench_precision.py, which also shows the
+      full protocol's widths 1.5-1.9x *slower* channels-last on an AVX2 CPU,
+      so set false there), on a GPU only with bf16 autocast (cuDNN's
+      tensor-core convolutions are channels-last; in fp32 the old contiguous
+      default stays, as nothing was measured on a GPU).
+    - compile auto: off. On CPU compiling took 32-64 s in a fresh process
+      (3 s with inductor's disk cache warm) and saved 2-7% of a 50 ms step,
+      i.e. about a second of a ``cpu``-profile trial; set
+      ``train.compile = true`` for long GPU trials.
     """
     from mtlbench.errors import ConfigError
 
@@ -216,7 +219,7 @@ def step_settings(device: str, train_cfg: Any = None) -> StepSettings:
         reason["channels_last"] = f"train.channels_last = {str(cl).lower()}"
     elif kind == "cpu":
         channels_last = True
-        reason["channels_last"] = "on: oneDNN convolutions on CPU are faster channels-last (benchmarks/perf)"
+        reason["channels_last"] = "on: the cpu profile's step is 4-20% faster channels-last (bench_precision.py)"
     elif kind == "cuda" and autocast is not None:
         channels_last = True
         reason["channels_last"] = "on: cuDNN's bf16 tensor-core convolutions use channels-last"
@@ -230,5 +233,5 @@ def step_settings(device: str, train_cfg: Any = None) -> StepSettings:
         reason["compile"] = f"train.compile = {str(comp).lower()}"
     else:
         compile_ = False
-        reason["compile"] = "off: compiling costs more per trial process than a benchmark trial saves"
+        reason["compile"] = "off: compiling costs more per trial process than a trial saves (bench_precision.py)"
     return StepSettings(device, autocast, channels_last, compile_, reason)

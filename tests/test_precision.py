@@ -283,16 +283,17 @@ def _one_step(cfg, data, idx, name: str, precision: str):
 
 
 #: Strategies that fail in a bf16-autocast step, and why (a strict xfail: remove the entry with the fix).
-BROKEN_UNDER_BF16 = {
-    "jd_": "torchjd's mtl_backward vmaps the trunk's backward over the tasks, and torch 2.13's vmap of batch-norm "
-           "backward with bf16 activations and float32 weights raises 'expected scalar type BFloat16 but found "
-           "Float'; the plugin should pass parallel_chunk_size=1 (one plain backward per task) under bf16",
-}
+#: Strategies known not to work under bf16 autocast (none: mtlbench-torchjd runs one plain backward per
+#: task there, since torch's vmap of batch-norm backward fails on bf16 activations with float32 weights).
+BROKEN_UNDER_BF16: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", _buildable_strategies())
 def test_every_strategy_takes_a_bf16_step_close_to_fp32(tiny_batch, name, request):
-    """Under bf16 autocast every strategy's trunk gradient is finite, float32, and points where fp32's does."""
+    """Under bf16 autocast every strategy's trunk gradient is finite, float32, and points where fp32's does.
+
+    (cosine > 0.98; every built-in strategy measured 0.999 on this batch.)
+    """
     broken = next((why for prefix, why in BROKEN_UNDER_BF16.items() if name.startswith(prefix)), None)
     if broken:
         request.applymarker(pytest.mark.xfail(reason=broken, strict=True))
@@ -302,8 +303,7 @@ def test_every_strategy_takes_a_bf16_step_close_to_fp32(tiny_batch, name, reques
     assert dtype is torch.bfloat16  # the trunk really ran in bf16
     assert torch.isfinite(g16).all()
     cosine = float(torch.nn.functional.cosine_similarity(g16, g32, dim=0))
-    print(f"COSINE {name} {cosine:.4f}")
-    assert cosine > 0.9, f"{name}: bf16 and fp32 trunk gradients have cosine {cosine:.3f}"
+    assert cosine > 0.98, f"{name}: bf16 and fp32 trunk gradients have cosine {cosine:.3f}"
 
 
 # ----------------------------------------------------------------------------- a real bf16 trial

@@ -115,17 +115,18 @@ def count_flops(step: Callable[[int], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(title: str, profile: str, sets: list[str], rounds: int, steps: int, settings: dict[str, Any]) -> None:
+def measure(title: str, profile: str, sets: list[str], rounds: int, steps: int, settings: dict[str, Any],
+            warmup: int = 2) -> None:
     built = {}
     for name, s in settings.items():
         step, cfg = make_step(profile, sets, s)
         t0 = time.perf_counter()
-        step(0)  # warm-up (and the compilation, for the compiled variant)
-        step(1)
+        for i in range(warmup):  # (and the compilation, for the compiled variant)
+            step(i)
         warm = time.perf_counter() - t0
         built[name] = step
         if s.compile:
-            print(f"  {name}: first two steps (compiling) took {warm:.1f} s")
+            print(f"  {name}: the {warmup} warm-up steps (compiling) took {warm:.1f} s")
     flops = count_flops(built[REFERENCE])
     h, w = cfg.preprocess.slice_size
     print(f"{title}: {h} x {w}, widths {cfg.model.widths[0]}-{cfg.model.widths[-1]}, batch {cfg.train.batch_size}, "
@@ -136,7 +137,7 @@ def measure(title: str, profile: str, sets: list[str], rounds: int, steps: int, 
         for name in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
             for i in range(steps):
-                built[name](2 + r * steps + i)
+                built[name](warmup + r * steps + i)
             ms[name].append(1000 * (time.perf_counter() - t0) / steps)
     print(f"  {'variant':28s} {'ms/step':>9s} {'GFLOP/s':>8s} {'time / fp32 CL: median [min, max]':>35s}")
     for name in names:
@@ -166,6 +167,7 @@ def main() -> int:
     from mtlbench.devices import cpu_bf16_support, read_cpu_flags
 
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as run_trial does on CPU
     native, why = cpu_bf16_support()
     flags = read_cpu_flags() or frozenset()
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "unknown"
@@ -177,7 +179,7 @@ def main() -> int:
     measure("cpu profile", "cpu", small, args.rounds, args.steps, chosen)
     if args.full:
         full = ["data.phantom.patients=2", "experiment.folds=2", f"train.batch_size={args.full_batch}"]
-        measure("full protocol", "full", full, args.full_rounds, args.full_steps, chosen)
+        measure("full protocol", "full", full, args.full_rounds, args.full_steps, chosen, warmup=1)
     return 0
 
 

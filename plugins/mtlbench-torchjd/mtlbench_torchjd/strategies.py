@@ -179,7 +179,11 @@ class TorchJDStrategy(Strategy):
             return {}
         aggregator = self.aggregator_for(shared[0].dtype, shared[0].device)
         try:
-            mtl_backward(tensors, ctx.features, tasks_params=tails, shared_params=shared)
+            # Under bf16/fp16 autocast torch's vmap of batch-norm backward (mixed bf16 activations, float32
+            # weights) raises; one plain backward per task (parallel_chunk_size=1) computes the same Jacobian.
+            low = getattr(ctx.features, "dtype", None) in (torch.bfloat16, torch.float16)
+            mtl_backward(tensors, ctx.features, tasks_params=tails, shared_params=shared,
+                         parallel_chunk_size=1 if low else None)
             weights = jac_to_grad(shared, aggregator)
         finally:
             for p in shared:  # never leave a Jacobian behind (jac_to_grad frees them; an error may not)
