@@ -168,6 +168,10 @@ def test_terminal_output(run):
     assert (run / "ray.log").is_file()
     err = (run.parent / "stderr.txt").read_text()
     for line in (text + "\n" + err).splitlines():
+        # the one exception: this run SIGKILLs a worker on purpose (crash_once), and Ray's driver reports
+        # a dead worker itself; a run whose workers all live prints nothing of Ray's
+        if "(raylet)" in line and "A worker died or was killed" in line:
+            continue
         assert not re.search(r"Failed to fetch|\(raylet\)|\(pid=|WARNING|INFO |Traceback|Tune", line), line
     assert all(not l.strip() or l.startswith(("warning:", "No GPU found")) for l in err.splitlines()), err
 
