@@ -152,45 +152,14 @@ def test_tensorboard_event_files_match_each_trials_history(tmp_path):
 
 # ----------------------------------------------------------------------------- MLflow through Ray Tune
 
-TINY_TOML = """
-[experiment]
-name = "tiny"
-folds = 2
+def _mlflow_toml() -> str:
+    """The tiny benchmark (mtlbench.testing) with landmarks, single + joint, logging to a local MLflow store."""
+    import tomli_w
 
-[data.phantom]
-patients = 4
-seed = 3
+    from mtlbench.testing import tiny_config
 
-[preprocess]
-slice_size = [32, 32]
-
-[model]
-widths = [4, 8, 16]
-
-[tasks.segmentation]
-head_params = { width = 4, convs = 1 }
-
-[tasks.landmarks]
-head_params = { width = 4, convs = 1 }
-
-[train]
-epochs = 2
-batch_size = 8
-slices_per_epoch = 48
-lr = 0.003
-
-[strategies.single]
-[strategies.joint]
-
-[resources]
-cpus_per_trial = 1
-gpus_per_trial = 0
-
-[run.mlflow]
-tracking_uri = "file:./mlruns"
-experiment_name = "tiny-mlflow"
-tags = { project = "unit" }
-"""
+    mlflow = {"tracking_uri": "file:./mlruns", "experiment_name": "tiny-mlflow", "tags": {"project": "unit"}}
+    return tomli_w.dumps(tiny_config(tasks={"landmarks": {}}, overrides={"run": {"mlflow": mlflow}}))
 
 
 @pytest.mark.slow
@@ -198,7 +167,7 @@ tags = { project = "unit" }
 def test_mlflow_gets_one_run_per_trial_with_its_metrics(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    (tmp_path / "tiny.toml").write_text(_mlflow_toml())
     env = dict(os.environ, MTLBENCH_CACHE_DIR=str(tmp_path / "cache"), COLUMNS="200")
     env.pop("MLFLOW_TRACKING_URI", None)
     r = subprocess.run([MTLBENCH, "run", "tiny.toml", "--out", "run", "--no-report"], cwd=tmp_path, env=env,
