@@ -52,6 +52,7 @@ deleted, and the error is one line naming the cache (a StorageError).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -250,10 +251,11 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _open_read(path: str | Path) -> Any:
+def _open_read(path: str | Path, **options: Any) -> Any:
+    """The file opened read-only without HDF5 file locking; ``options`` go to ``h5py.File`` (e.g. its chunk cache)."""
     import h5py
 
-    return h5py.File(path, "r", locking=False)
+    return h5py.File(path, "r", locking=False, **options)
 
 
 # ----------------------------------------------------------------------------- integrity
@@ -565,7 +567,9 @@ class SliceData:
     """Slices of several patients stacked for training.
 
     ``targets`` maps ``"<task label>/<target name>"`` to the per-slice
-    targets stacked the same way (N, ...).
+    targets stacked the same way (N, ...). :meth:`batches` is the trainer's
+    way in; :class:`mtlbench.data.stream.StreamingSlices` offers the same
+    surface reading from the cache file instead of memory.
     """
 
     image: np.ndarray  # (N, H, W) float32
@@ -578,15 +582,72 @@ class SliceData:
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
+    @functools.cached_property
+    def foreground(self) -> np.ndarray:
+        """(N,) bool: the slice has any label > 0 (computed on first use; the cached copy pickles with the rest)."""
+        return np.asarray(self.labels.any(axis=tuple(range(1, self.labels.ndim))), dtype=bool)
+
+    @property
+    def targets_available(self) -> set[str]:
+        """The ``"<task label>/<target name>"`` keys :meth:`batches` can return."""
+        return set(self.targets)
+
+    def batches(self, batches: Sequence[np.ndarray], keys: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        """One dict per index array of ``batches``: ``image``, ``labels`` and the targets named in ``keys``.
+
+        The indices are global slice numbers into this data. The rows come in
+        the order of ``np.sort(idx)`` (duplicates kept), not in the order
+        given: sorted gathers are faster and the order inside a batch does
+        not matter to training. Arrays are copies. Bad indices (IndexError)
+        and unknown keys (ValueError) are found before the first batch.
+        """
+        plan = sorted_batches(batches, len(self))
+        wanted = batch_keys(keys, self.targets_available)
+        return self._gather(plan, wanted)
+
+    def _gather(self, plan: list[np.ndarray], keys: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        for idx in plan:
+            out = {"image": self.image[idx], "labels": self.labels[idx]}
+            out.update({key: self.targets[key][idx] for key in keys})
+            yield out
+
+
+def sorted_batches(batches: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """Each index array sorted (int64), after checking every index lies in ``[0, n)`` (else IndexError)."""
+    plan = []
+    for b, idx in enumerate(batches):
+        arr = np.sort(np.asarray(idx, dtype=np.int64).reshape(-1))
+        if arr.size and (arr[0] < 0 or arr[-1] >= n):
+            bad = arr[0] if arr[0] < 0 else arr[-1]
+            raise IndexError(f"batch {b}: slice index {int(bad)} is out of range for {n} slices")
+        plan.append(arr)
+    return plan
+
+
+def batch_keys(keys: Sequence[str], available: set[str]) -> list[str]:
+    """The per-slice target keys among ``keys`` (``image`` and ``labels`` always come), once each, in the given order.
+
+    A key that is not available is a ValueError listing those that are.
+    """
+    wanted = list(dict.fromkeys(k for k in keys if k not in ("image", "labels")))
+    missing = [k for k in wanted if k not in available]
+    if missing:
+        have = ", ".join(sorted(available)) or "none"
+        raise ValueError(f"no per-slice target {', '.join(missing)} in the slice data (it has: {have})")
+    return wanted
+
 
 @contextlib.contextmanager
-def _open_complete(path: str | Path) -> Iterator[Any]:
-    """The open cache file, after checking it is complete, of this format and its attributes intact (else DataError)."""
+def _open_complete(path: str | Path, **options: Any) -> Iterator[Any]:
+    """The open cache file, after checking it is complete, of this format and its attributes intact (else DataError).
+
+    ``options`` go to ``h5py.File`` (the streaming reader sets the chunk cache).
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: slice cache not found (run 'mtlbench data prepare CONFIG')")
     try:
-        f = _open_read(p)
+        f = _open_read(p, **options)
     except OSError as exc:
         raise DataError(f"{p}: not a readable HDF5 slice cache ({_one_line(exc)}); {_REBUILD}") from None
     with f:
@@ -758,3 +819,18 @@ def load_patient(path: str | Path, pid: str, arrays: bool = True) -> CachedPatie
             files=json.loads(attrs["files"]),
             targets=targets,
         )
+
+
+def stacked_nbytes(path: str | Path, patient_ids: Sequence[str], tasks: Sequence[str] | None = None) -> int:
+    """Bytes that :func:`load_slices` of ``patient_ids`` would hold (image, labels, per-slice targets); shapes only."""
+    info = open_cache(path)
+    wanted = [(label, t) for label, t in info.slice_targets() if tasks is None or label in tasks]
+    h, w = info.slice_size
+    per_slice = h * w * (np.dtype(np.float32).itemsize + np.dtype(np.uint8).itemsize)
+    per_slice += sum(int(np.prod(t.slice_shape((h, w)))) * np.dtype(t.dtype).itemsize for _, t in wanted)
+    with _open_complete(path) as f:
+        slices = 0
+        for pid in patient_ids:
+            with _reading(path, pid):
+                slices += int(_patient_group(f, path, pid)["image"].shape[0])
+    return int(slices * per_slice)
