@@ -235,7 +235,10 @@ def train_cmd(
     folds = make_folds(list(info.patients), cfg.experiment.folds, cfg.experiment.fold_seed)
     spec = TrialSpec(fold=fold, strategy=strategy, params=points[point], seed=cfg.experiment.seeds[0] if seed is None else seed)
     out = out or Path(cfg.run.out_dir) / f"train-{spec.id}"
-    typer.echo(f"trial {spec.id}: params {json.dumps(spec.params)}", err=True)
+    from mtlbench.orchestrate.runner import choose_loader
+
+    loader, why = choose_loader(cfg, cache, list(folds[fold]["train"]))
+    typer.echo(f"trial {spec.id}: params {json.dumps(spec.params)}; training data: {why}", err=True)
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*cols) as bar:
         job = bar.add_task("epoch 1", total=None, info="")
@@ -247,7 +250,7 @@ def train_cmd(
             shown = {k: v for k, v in entry.get("metrics", {}).items() if k.endswith("_mean") or k.endswith("rmse")}
             bar.update(job, info=" ".join(f"{k}={v:.4f}" for k, v in shown.items()))
 
-        record = run_trial(cfg, spec, cache, folds, out, on_step=on_step, on_epoch=on_epoch)
+        record = run_trial(cfg, spec, cache, folds, out, loader=loader, on_step=on_step, on_epoch=on_epoch)
     _print_trial(record)
     typer.echo(str(out / "result.json"))
 

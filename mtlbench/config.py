@@ -186,6 +186,12 @@ class ResourcesConfig(Section):
             raise ValueError("a share above 1 GPU must be a whole number of GPUs")
         return v
     max_concurrent: PositiveInt | None = None
+    #: Where a trial's training slices come from: "memory" (all of them, shared through
+    #: Ray's object store), "stream" (batches read from the HDF5 cache with a bounded
+    #: read-ahead), or "auto": memory while they fit ``memory_budget_mb``, else stream.
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    #: The most MB of training slices held in memory (for "auto"); default: a quarter of this machine's RAM.
+    memory_budget_mb: PositiveInt | None = None
 
 
 def _installed(package: str) -> bool:

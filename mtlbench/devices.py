@@ -119,14 +119,17 @@ class StepSettings:
     losses float32 outputs; weights, gradients, optimizer state and
     evaluation stay float32). ``channels_last``: the
     model's and inputs' memory format. ``compile``: ``torch.compile`` the trunk
-    and tails. ``reason`` holds one sentence per choice (keys ``precision``,
-    ``channels_last``, ``compile``).
+    and tails. ``fused_optimizer``: Adam's fused kernel (``fused=True``: one
+    pass over all parameters instead of a Python loop over tensors).
+    ``reason`` holds one sentence per choice (keys ``precision``,
+    ``channels_last``, ``compile``, ``fused_optimizer``).
     """
 
     device: str
     autocast_dtype: Any
     channels_last: bool
     compile: bool
+    fused_optimizer: bool = False
     reason: dict[str, str] = field(default_factory=dict, hash=False)
 
     @property
@@ -158,6 +161,7 @@ class StepSettings:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "fused_optimizer": self.fused_optimizer,
             "reason": dict(self.reason),
         }
 
@@ -234,4 +238,48 @@ def step_settings(device: str, train_cfg: Any = None) -> StepSettings:
     else:
         compile_ = False
         reason["compile"] = "off: compiling costs more per trial process than a trial saves (bench_precision.py)"
-    return StepSettings(device, autocast, channels_last, compile_, reason)
+
+    fused = kind in ("cpu", "cuda")
+    reason["fused_optimizer"] = (
+        "fused Adam: one kernel over all parameters (cpu profile: 0.7 vs 3.1 ms per step, docs/performance.md)"
+        if fused else f"Adam's per-tensor loop: no fused kernel is assumed on {device!r}"
+    )
+    return StepSettings(device, autocast, channels_last, compile_, fused, reason)
+
+
+def deterministic_algorithms(on: bool = True, *, compiling: bool = False) -> None:
+    """``torch.use_deterministic_algorithms(on, warn_only=True)`` without importing inductor when not compiling.
+
+    The public function imports ``torch._inductor`` (to set its
+    ``deterministic`` flag), which costs about 3 s in a fresh trial process;
+    the flag matters only to compiled code, so it is set only with ``compiling``.
+    """
+    import torch
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if compiling or setter is None:
+        torch.use_deterministic_algorithms(on, warn_only=True)
+    else:
+        setter(on, warn_only=True)
+
+
+#: Training slices are kept on a GPU when they take at most this fraction of its free memory.
+RESIDENT_FRACTION = 0.25
+
+
+def resident_on_device(device: str, nbytes: int, free_bytes: int | None = None) -> bool:
+    """Whether a trial's training slices (``nbytes``) should live on ``device`` for the whole trial.
+
+    Only on a GPU, and only when they take at most ``RESIDENT_FRACTION`` of its
+    free memory (``torch.cuda.mem_get_info``, or ``free_bytes``), so the model,
+    activations and other trials packed on the same GPU keep the rest. Batches
+    are then gathered and augmented on the GPU with no host-to-device copy per
+    step. Never measured on a GPU in this project (docs/performance.md).
+    """
+    if not device.startswith("cuda"):
+        return False
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    return nbytes <= RESIDENT_FRACTION * free_bytes

@@ -62,7 +62,7 @@ def test_cpu_with_native_bf16_autocasts_in_bf16(monkeypatch, flags):
     assert s.autocast_dtype is torch.bfloat16 and s.precision == "bf16"
     assert s.channels_last and s.memory_format is torch.channels_last
     assert s.compile is False
-    assert set(s.reason) == {"precision", "channels_last", "compile"}
+    assert set(s.reason) == {"precision", "channels_last", "compile", "fused_optimizer"}
     assert "amx_bf16" in s.reason["precision"] or "avx512_bf16" in s.reason["precision"]
 
 
@@ -197,7 +197,7 @@ def test_record_and_autocast(monkeypatch):
     s = step_settings("cpu")
     rec = json.loads(json.dumps(s.to_record()))
     assert rec["precision"] == "bf16" and rec["channels_last"] is True and rec["compile"] is False
-    assert set(rec["reason"]) == {"precision", "channels_last", "compile"}
+    assert set(rec["reason"]) == {"precision", "channels_last", "compile", "fused_optimizer"}
     conv = torch.nn.Conv2d(2, 2, 3)
     x = torch.randn(1, 2, 5, 5)
     with s.autocast():

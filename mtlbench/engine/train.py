@@ -23,7 +23,7 @@ from mtlbench.api import CachedPatient, EvalVolume, StepContext, Target
 from mtlbench.assemble import make_heads, make_strategy, make_tasks, train_config
 from mtlbench.config import Config, TrainConfig
 from mtlbench.data.cache import SliceData, load_patient, load_slices
-from mtlbench.devices import choose_device, memory_format, set_threads, step_settings
+from mtlbench.devices import choose_device, deterministic_algorithms, memory_format, set_threads, step_settings
 from mtlbench.engine.augment import LABELS_RULE, random_affine
 from mtlbench.engine.checkpoint import save_checkpoint
 from mtlbench.engine.model import MultiTaskModel, build_model
@@ -79,15 +79,89 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def _batch(data: SliceData, idx: np.ndarray, keys: list[str], device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _batch(data: Any, idx: np.ndarray, keys: list[str], device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The image (B, 1, H, W) and the targets named by ``keys`` ("labels" and "<task>/<target>") of slices ``idx``."""
-    idx = np.sort(idx)  # numpy gathers are faster sorted; order inside a batch is irrelevant
-    image = torch.from_numpy(np.ascontiguousarray(data.image[idx])).unsqueeze(1)
-    targets = {"labels": torch.from_numpy(data.labels[idx].astype(np.int64)).to(device)}
+    arrays = next(iter(data.batches([np.sort(idx)], keys)))
+    return to_device(arrays, keys, device, memory_format(device))
+
+
+def to_device(
+    arrays: dict[str, Any], keys: list[str], device: str, fmt: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch of a loader (numpy arrays, or tensors already on the device) as the image and the targets."""
+
+    def tensor(a: Any) -> torch.Tensor:
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+
+    image = tensor(arrays["image"]).unsqueeze(1).to(device=device, memory_format=fmt)
+    targets = {"labels": tensor(arrays["labels"]).to(device=device, dtype=torch.int64)}
     for key in keys:
         if key != "labels":
-            targets[key] = torch.from_numpy(np.ascontiguousarray(data.targets[key][idx])).to(device)
-    return image.to(device=device, memory_format=memory_format(device)), targets
+            targets[key] = tensor(arrays[key]).to(device)
+    return image, targets
+
+
+def open_loader(
+    loader: str, cache_path: str | Path, patients: list[str], tasks: list[str], device: str
+) -> tuple[Any, str]:
+    """The trial's own training data when none was handed in: ``(data, loader)``.
+
+    ``loader`` "stream" reads batches from the cache (bounded memory,
+    ``mtlbench.data.stream``); "memory" loads the fold's training slices, onto
+    the GPU when they fit there (``mtlbench.devices.resident_on_device``).
+    """
+    if loader == "stream":
+        from mtlbench.data.stream import open_stream
+
+        return open_stream(cache_path, patients, tasks=tasks), "stream"
+    data = load_slices(cache_path, patients, tasks=tasks)
+    return on_device(data, device), "memory"
+
+
+def on_device(data: Any, device: str) -> Any:
+    """``data`` with its arrays on ``device`` when it is a GPU and they fit (else ``data`` itself)."""
+    from mtlbench.devices import resident_on_device
+
+    if not isinstance(data, SliceData) or not resident_on_device(device, slice_nbytes(data)):
+        return data
+    return DeviceSlices.from_slices(data, device)
+
+
+def slice_nbytes(data: SliceData) -> int:
+    """Bytes of a SliceData's per-slice arrays."""
+    return int(data.image.nbytes + data.labels.nbytes + sum(a.nbytes for a in data.targets.values()))
+
+
+class DeviceSlices:
+    """Training slices resident on a GPU: batches are gathered there, no host-to-device copy per step.
+
+    Same surface as :class:`SliceData` for the trainer (``patients``,
+    ``patient_index``, ``slice_index``, ``foreground``, ``targets_available``,
+    ``batches``); the indices stay numpy arrays on the host.
+    """
+
+    def __init__(self, arrays: dict[str, torch.Tensor], host: SliceData) -> None:
+        self.arrays = arrays
+        self.patients = host.patients
+        self.patient_index = host.patient_index
+        self.slice_index = host.slice_index
+        self.foreground = host.foreground
+        self.targets_available = set(host.targets)
+
+    @classmethod
+    def from_slices(cls, data: SliceData, device: str) -> "DeviceSlices":
+        arrays = {"image": torch.from_numpy(data.image).to(device), "labels": torch.from_numpy(data.labels).to(device)}
+        arrays.update({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in data.targets.items()})
+        return cls(arrays, data)
+
+    def __len__(self) -> int:
+        return int(self.arrays["image"].shape[0])
+
+    def batches(self, batches: Any, keys: Any) -> Any:
+        device = self.arrays["image"].device
+        for idx in batches:
+            i = torch.from_numpy(np.sort(np.asarray(idx, dtype=np.int64))).to(device)
+            yield {k: self.arrays[k].index_select(0, i) for k in {"image", "labels", *keys}}
 
 
 def task_batch(label: str, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,7 +280,8 @@ def run_trial(
     folds: list[dict[str, Any]],
     out_dir: str | Path,
     *,
-    data: SliceData | None = None,
+    data: Any = None,
+    loader: str = "memory",
     cpus: float | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
@@ -216,8 +291,11 @@ def run_trial(
 
     Returns the trial record (see docs/results.md). A NaN/inf loss gives status
     ``diverged``; an exception propagates (the caller records ``failed``).
-    ``data`` may hold preloaded slices of (at least) the fold's patients; they
-    are indexed per batch, never copied as a whole.
+    ``data`` may hold preloaded slices of (at least) the fold's patients (a
+    ``SliceData``, e.g. from Ray's object store); they are indexed per batch,
+    never copied as a whole. Without it the trial opens its own: ``loader``
+    "memory" loads the fold's training slices, "stream" reads each batch from
+    the cache (``mtlbench.data.stream``).
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -234,20 +312,23 @@ def run_trial(
     threads = set_threads(cpus) if device == "cpu" else None
     seed_everything(spec.seed)
     if device == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_algorithms(True, compiling=settings.compile)
 
+    opened = data is None  # a stream opened here is closed when the trial ends
     if data is None:
-        data = load_slices(cache_path, list(fold["train"]), tasks=comp.model_tasks)
+        data, loader = open_loader(loader, cache_path, list(fold["train"]), comp.model_tasks, device)
+    else:
+        data, loader = on_device(data, device), "memory"
     pos = {p: i for i, p in enumerate(data.patients)}
     missing = [p for p in fold["train"] if p not in pos]
     if missing:
         raise ConfigError(f"fold {spec.fold}: training patients missing from the slice data: {', '.join(missing)}")
     train_idx = np.flatnonzero(np.isin(data.patient_index, [pos[p] for p in fold["train"]]))
-    fg_idx = train_idx[data.labels[train_idx].reshape(len(train_idx), -1).any(axis=1)]
+    fg_idx = train_idx[data.foreground[train_idx]]
     records = [load_patient(cache_path, p) for p in fold["test"]]
     rules = target_rules(comp)
     keys = list(rules)
-    missing_targets = [k for k in keys if k != "labels" and k not in data.targets]
+    missing_targets = [k for k in keys if k != "labels" and k not in data.targets_available]
     if missing_targets:
         raise ConfigError(f"the slice data lacks the targets {', '.join(missing_targets)}; prepare the cache again")
 
@@ -265,7 +346,7 @@ def run_trial(
     if plain:
         groups.append({"params": plain, "weight_decay": 0.0})
     groups += [{"weight_decay": 0.0, **g} for g in sparams if isinstance(g, dict)]
-    optimizer = torch.optim.Adam(groups, lr=tc.lr)
+    optimizer = torch.optim.Adam(groups, lr=tc.lr, fused=settings.fused_optimizer or None)
     milestones = [tc.lr_decay_epoch] if 0 < tc.lr_decay_epoch < tc.epochs else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_decay_factor)
     ctx_shared = list(model.shared_parameters())
@@ -288,10 +369,12 @@ def run_trial(
         "test_patients": list(fold["test"]),
         "train_patients": list(fold["train"]),
         "cache": str(Path(cache_path).resolve()),
+        "loader": loader,
         "step_settings": settings.to_record(),  # what ran: precision, channels-last, compile, and why
     }
     step = 0
     status, error = "completed", None
+    timings = {"startup_s": time.time() - t0, "train_s": 0.0, "eval_s": 0.0, "final_eval_s": 0.0, "report_s": 0.0}
     info = {k: record[k] for k in ("id", "fold", "strategy", "params", "seed")}
     tracker = TrialTracker(out_dir / TENSORBOARD, cfg.run.tensorboard, info)  # live TensorBoard scalars
     try:
@@ -301,11 +384,10 @@ def run_trial(
             order = _epoch_order(rng, train_idx, fg_idx, per_epoch, tc.foreground_fraction)
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
-            for b in range(steps_per_epoch):
-                idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]
-                if len(idx) == 0:
-                    continue
-                image, targets = _batch(data, idx, keys, device)
+            plan = [np.sort(order[b * tc.batch_size : (b + 1) * tc.batch_size]) for b in range(steps_per_epoch)]
+            plan = [idx for idx in plan if len(idx)]  # the epoch's batches, known up front: a loader may read ahead
+            for b, arrays in enumerate(data.batches(plan, keys)):
+                image, targets = to_device(arrays, keys, device, fmt)
                 image, targets = random_affine(image, targets, rules, cfg.augment, gen)
                 names = strategy.tasks_for_step(step)
                 with settings.autocast():  # forward and losses only; the strategy's backward runs outside
@@ -342,28 +424,37 @@ def run_trial(
             for k, v in (strategy.on_epoch_end(epoch, loss_history) or {}).items():
                 train_log[f"{k}={v}" if isinstance(v, str) else k] = 1.0 if isinstance(v, str) else float(v)
             entry: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train": train_log}
+            timings["train_s"] += time.time() - te
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+                tv = time.time()
                 metrics, _, _ = evaluate(model, comp, records, device, final=False)
                 entry["metrics"] = metrics
+                timings["eval_s"] += time.time() - tv
             entry["time_s"] = time.time() - te
             history.append(entry)
             tracker.epoch(entry)
             if on_epoch is not None:
                 on_epoch(entry)
+        tv = time.time()
         train_records = [load_patient(cache_path, p, arrays=False) for p in fold["train"]]
         metrics, per_patient, outputs = evaluate(model, comp, records, device, final=True, train=train_records)
         reference = metrics.pop("reference", {})
+        tr = time.time()
+        timings["final_eval_s"] = tr - tv
         tracker.final(metrics)
         if records:
             with atomic_path(out_dir / EXAMPLE, suffix=".npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **example_arrays(records[0], outputs[records[0].id], comp))
         save_checkpoint(out_dir / CHECKPOINT, {"model": model.state_dict(), "strategy": strategy.state_dict()})
+        timings["report_s"] = time.time() - tr
     except Diverged as exc:
         status, error = "diverged", str(exc)
         metrics, per_patient, reference = {}, [], {}
     finally:
         tracker.close()
+        if opened and hasattr(data, "close"):
+            data.close()
     record.update(
         status=status,
         error=error,
@@ -372,6 +463,7 @@ def run_trial(
         per_patient=per_patient,
         history=history,
         wall_time_s=time.time() - t0,
+        timings=timings,
         peak_memory_mb=_peak_memory_mb(device),
         config=cfg.to_toml_dict(),
         folds=folds,

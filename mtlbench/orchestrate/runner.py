@@ -1,8 +1,10 @@
 """``mtlbench run``: build the cache once, expand the grid, schedule every trial on Ray Tune.
 
 The driver prepares everything large once (the HDF5 slice cache, the slice
-arrays in Ray's object store via ``tune.with_parameters``) and hands each trial
-only its small spec through ``param_space``. Finished trials are found on disk
+arrays in Ray's object store via ``tune.with_parameters``, one copy shared by
+every trial on a node; or, past ``resources.memory_budget_mb``, nothing: each
+trial then streams its batches from the cache) and hands each trial only its
+small spec through ``param_space``. Finished trials are found on disk
 (``trials/<id>/result.json``), so ``--resume`` reruns only what did not finish.
 Ray's own output goes to ``RUN_DIR/ray.log``; the terminal shows a live table.
 """
@@ -68,7 +70,8 @@ def _trainable(config: dict[str, Any], data: Any = None, setup: dict[str, Any] |
         tune.report({**_scalars(epoch_scalars(entry)), "epoch": entry["epoch"], "timesteps_total": entry["epoch"],
                      "main_metric": value, "done": False})
 
-    record = run_trial(cfg, spec, setup["cache"], setup["folds"], out, data=data, cpus=setup["cpus"], on_epoch=on_epoch)
+    record = run_trial(cfg, spec, setup["cache"], setup["folds"], out, data=data, loader=setup["loader"],
+                       cpus=setup["cpus"], on_epoch=on_epoch)
     epochs = len(record["history"])
     tune.report({**_scalars(final_scalars(record["metrics"])), "epoch": epochs, "timesteps_total": epochs,
                  "main_metric": record["metrics"].get(main, float("nan")), "status": record["status"], "done": True})
@@ -220,11 +223,13 @@ def _run_in(cfg: Config, run_dir: Path, *, address: str | None, resume: bool, co
     )
     errors: dict[str, str] = {}
     if pending:
-        data = load_slices(cache, list(info.patients))
+        loader, why = choose_loader(cfg, cache, list(info.patients))
+        console.print(f"training data: {why}")
+        data = load_slices(cache, list(info.patients)) if loader == "memory" else None  # else each trial streams
         if local:
-            errors = _local(cfg, run_dir, pending, data, cache, folds, console)
+            errors = _local(cfg, run_dir, pending, data, loader, cache, folds, console)
         else:
-            errors = _tune(cfg, run_dir, pending, data, cache, folds, meta, address, console)
+            errors = _tune(cfg, run_dir, pending, data, loader, cache, folds, meta, address, console)
     records = []
     for s in specs:
         rec = done[s.id] or read_record(trial_dir(run_dir, s))
@@ -237,8 +242,44 @@ def _run_in(cfg: Config, run_dir: Path, *, address: str | None, resume: bool, co
     return {"path": path, "meta": meta, "trials": records, "cache": cache}
 
 
+def choose_loader(cfg: Config, cache: Path, patients: list[str]) -> tuple[str, str]:
+    """``("memory" | "stream", why)``: ``resources.loader``, where "auto" streams once the slices exceed the budget.
+
+    The budget is ``resources.memory_budget_mb``, by default a quarter of this
+    machine's memory; what is compared is what one in-memory copy of every
+    patient's training slices takes (the object shared by all trials).
+    """
+    from mtlbench.data.cache import stacked_nbytes
+
+    mode = cfg.resources.loader
+    need = stacked_nbytes(cache, patients) / 2**20
+    if mode != "auto":
+        return mode, f"resources.loader = {mode!r} ({need:.0f} MB of training slices)"
+    budget = cfg.resources.memory_budget_mb or default_memory_budget_mb()
+    source = "resources.memory_budget_mb" if cfg.resources.memory_budget_mb else "a quarter of this machine's memory"
+    if need <= budget:
+        return "memory", f"{need:.0f} MB of training slices in memory (budget {budget} MB: {source})"
+    return "stream", f"streamed from the cache: {need:.0f} MB of training slices exceed the budget of {budget} MB ({source})"
+
+
+def default_memory_budget_mb() -> int:
+    """A quarter of this machine's physical memory, in MB (1024 when it cannot be read)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1024
+    return max(1, int(total / 4 / 2**20))
+
+
 def _local(
-    cfg: Config, run_dir: Path, pending: list[TrialSpec], data: Any, cache: Path, folds: list[dict[str, Any]], console: Any
+    cfg: Config,
+    run_dir: Path,
+    pending: list[TrialSpec],
+    data: Any,
+    loader: str,
+    cache: Path,
+    folds: list[dict[str, Any]],
+    console: Any,
 ) -> dict[str, str]:
     """Run ``pending`` sequentially in this process; return {trial id: error} for trials that raised."""
     from mtlbench.engine.train import run_trial
@@ -247,7 +288,8 @@ def _local(
     for n, spec in enumerate(pending, start=1):
         console.print(f"trial {n}/{len(pending)}: {spec.id}")
         try:
-            run_trial(cfg, spec, cache, folds, trial_dir(run_dir, spec), data=data, cpus=cfg.resources.cpus_per_trial)
+            run_trial(cfg, spec, cache, folds, trial_dir(run_dir, spec), data=data, loader=loader,
+                      cpus=cfg.resources.cpus_per_trial)
         except Exception as exc:  # recorded as failed, as a Ray trial would be
             errors[spec.id] = f"{type(exc).__name__}: {_one_line(exc)}"
     return errors
@@ -258,6 +300,7 @@ def _tune(
     run_dir: Path,
     pending: list[TrialSpec],
     data: Any,
+    loader: str,
     cache: Path,
     folds: list[dict[str, Any]],
     meta: dict[str, Any],
@@ -271,6 +314,9 @@ def _tune(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ctrl-C must stop the run (and leave unfinished trials for --resume), not be swallowed by Tune.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # A local Ray starts its workers at niceness 15, so anything else on the machine (the driver, Ray's
+    # daemons, another job) preempts the trials: trials get normal priority (bench_ray_overhead.py).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     log = run_dir / "ray.log"
     with _quiet_to(log):
         import ray
@@ -311,6 +357,7 @@ def _tune(
                 "run_dir": str(run_dir),
                 "main_metric": meta["main_metric"],
                 "cpus": cpus,
+                "loader": loader,
             }
             trainable = tune.with_resources(
                 tune.with_parameters(_trainable, data=data, setup=setup), {"cpu": cpus, "gpu": gpus}
