@@ -30,10 +30,10 @@ demo: $(STAMP)
 	$(BIN)/mtlbench run benchmarks/kidney.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
-	for f in benchmarks/perf/bench_*.py; do $(BIN)/python $$f || exit 1; done
+	$(BIN)/python benchmarks/perf/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -36,6 +36,10 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "fp32 channels-last"
+PLAIN = "fp32 contiguous, per-tensor Adam"  # torch's defaults: what a plain training loop runs
+AUTO = "auto (what trials run here)"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
 
 
 def variants(compile_: bool, only: list[str]) -> dict[str, Any]:
@@ -43,17 +47,22 @@ def variants(compile_: bool, only: list[str]) -> dict[str, Any]:
 
     from mtlbench.devices import StepSettings
 
+    from mtlbench.devices import step_settings
+
+    auto = step_settings("cpu")
     out = {
-        "fp32 contiguous": StepSettings("cpu", None, False, False),
-        REFERENCE: StepSettings("cpu", None, True, False),
-        "bf16 channels-last": StepSettings("cpu", torch.bfloat16, True, False),
+        PLAIN: StepSettings("cpu", None, False, False, False),
+        "fp32 contiguous": StepSettings("cpu", None, False, False, True),
+        REFERENCE: StepSettings("cpu", None, True, False, True),
+        "bf16 channels-last": StepSettings("cpu", torch.bfloat16, True, False, True),
+        AUTO: auto,
     }
     if compile_:
         out["fp32 channels-last compiled"] = StepSettings("cpu", None, True, True)
     unknown = [n for n in only if n not in out]
     if unknown:
         raise SystemExit(f"--only: unknown variant(s) {', '.join(unknown)}; variants: {', '.join(out)}")
-    return {n: s for n, s in out.items() if not only or n in only or n == REFERENCE}
+    return {n: s for n, s in out.items() if not only or n in only or n in (REFERENCE, PLAIN, AUTO)}
 
 
 def make_step(profile: str, sets: list[str], settings: Any) -> tuple[Callable[[int], None], Any]:
@@ -80,7 +89,7 @@ def make_step(profile: str, sets: list[str], settings: Any) -> tuple[Callable[[i
         for part in (model.trunk, *model.tails.values()):
             part.compile()
     strategy = comp.strategy
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=settings.fused_optimizer or None)
     rules = target_rules(comp)
     keys = list(rules)
     rng = np.random.default_rng(0)
@@ -116,7 +125,8 @@ def count_flops(step: Callable[[int], None]) -> float:
 
 
 def measure(title: str, profile: str, sets: list[str], rounds: int, steps: int, settings: dict[str, Any],
-            warmup: int = 2) -> None:
+            warmup: int = 2) -> dict[str, float]:
+    """Median ms/step of every variant (also printed with its ratio to fp32 channels-last)."""
     built = {}
     for name, s in settings.items():
         step, cfg = make_step(profile, sets, s)
@@ -139,12 +149,13 @@ def measure(title: str, profile: str, sets: list[str], rounds: int, steps: int, 
             for i in range(steps):
                 built[name](warmup + r * steps + i)
             ms[name].append(1000 * (time.perf_counter() - t0) / steps)
-    print(f"  {'variant':28s} {'ms/step':>9s} {'GFLOP/s':>8s} {'time / fp32 CL: median [min, max]':>35s}")
+    print(f"  {'variant':32s} {'ms/step':>9s} {'GFLOP/s':>8s} {'time / fp32 CL: median [min, max]':>35s}")
     for name in names:
         ratios = [a / b for a, b in zip(ms[name], ms[REFERENCE])]
         med = statistics.median(ms[name])
-        print(f"  {name:28s} {med:9.1f} {flops / 1e9 / (med / 1000):8.1f} "
+        print(f"  {name:32s} {med:9.1f} {flops / 1e9 / (med / 1000):8.1f} "
               f"{statistics.median(ratios):14.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")
+    return {n: statistics.median(v) for n, v in ms.items()}
 
 
 def main() -> int:
@@ -157,7 +168,8 @@ def main() -> int:
     ap.add_argument("--full-steps", type=int, default=1)
     ap.add_argument("--full-batch", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time fp32 channels-last under torch.compile")
-    ap.add_argument("--only", default="", help="comma-separated variants (fp32 channels-last is always timed)")
+    ap.add_argument("--only", default="", help="comma-separated variants (fp32 channels-last, plain and auto are always timed)")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     import platform
@@ -167,7 +179,7 @@ def main() -> int:
     from mtlbench.devices import cpu_bf16_support, read_cpu_flags
 
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as run_trial does on CPU
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as run_trial does on CPU (and compiled code needs)
     native, why = cpu_bf16_support()
     flags = read_cpu_flags() or frozenset()
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "unknown"
@@ -176,10 +188,16 @@ def main() -> int:
     print(f"train.precision = 'auto' here: {'bf16' if native else 'fp32'}")
     small = ["data.phantom.patients=6", "experiment.folds=2"]
     chosen = variants(args.compile, [n.strip() for n in args.only.split(",") if n.strip()])
-    measure("cpu profile", "cpu", small, args.rounds, args.steps, chosen)
+    ms = measure("cpu profile", "cpu", small, args.rounds, args.steps, chosen)
+    auto = chosen[AUTO]
+    speedup = ms[PLAIN] / ms[AUTO]
+    _report.check("cpu fast step: plain fp32 / auto settings", speedup, "> 1", speedup > 1,
+                  note=f"auto here: {auto.precision}, channels-last {auto.channels_last}, fused Adam {auto.fused_optimizer}")
+    _report.figure("ms_per_step", ms)
     if args.full:
         full = ["data.phantom.patients=2", "experiment.folds=2", f"train.batch_size={args.full_batch}"]
         measure("full protocol", "full", full, args.full_rounds, args.full_steps, chosen, warmup=1)
+    _report.finish("precision", args.json)
     return 0
 
 
