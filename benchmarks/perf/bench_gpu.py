@@ -58,57 +58,11 @@ def peak(name: str, precision: str) -> float | None:
 
 
 def make_step(profile: str, sets: list[str], settings, device: str):
-    """A closure running one training step under ``settings`` on ``device`` (as run_trial does) and its FLOPs."""
-    import numpy as np
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """bench_precision's training step (the trainer's, joint strategy) on ``device``, its FLOPs and the config."""
+    from bench_precision import count_flops, make_step as precision_step
 
-    from mtlbench.api import StepContext
-    from mtlbench.config import load_config
-    from mtlbench.data.cache import build_cache, load_slices, open_cache
-    from mtlbench.data.folds import make_folds
-    from mtlbench.engine.augment import random_affine
-    from mtlbench.engine.train import DeviceSlices, build_components, make_model, target_rules, task_batch, to_device
-    from mtlbench.engine.trialspec import TrialSpec
-
-    cfg = load_config(ROOT / "benchmarks" / "kidney.toml", profile, sets)
-    cache = build_cache(cfg)
-    folds = make_folds(list(open_cache(cache).patients), cfg.experiment.folds, 0)
-    data = DeviceSlices.from_slices(load_slices(cache, folds[0]["train"]), device)
-    torch.manual_seed(0)
-    comp = build_components(cfg, TrialSpec(fold=0, strategy="joint", params={"weights": {"landmarks": 1.0}}))
-    model = make_model(cfg, comp).to(device=device, memory_format=settings.memory_format)
-    if settings.compile:
-        for part in (model.trunk, *model.tails.values()):
-            part.compile()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=settings.fused_optimizer or None)
-    rules = target_rules(comp)
-    keys = list(rules)
-    rng = np.random.default_rng(0)
-    gen = torch.Generator().manual_seed(0)
-    shared, tails = model.shared_parameters(), {k: list(v) for k, v in model.task_parameters().items()}
-    last = model.last_shared_parameters()
-    kinds = {t: comp.tasks[t].kind for t in comp.tasks}
-    bs = cfg.train.batch_size
-    model.train()
-
-    def step(i: int) -> None:
-        idx = rng.choice(len(data), size=bs, replace=False)
-        image, targets = to_device(next(iter(data.batches([idx], keys))), keys, device, settings.memory_format)
-        image, targets = random_affine(image, targets, rules, cfg.augment, gen)
-        with settings.autocast():
-            outputs, features = model.forward_with_features(image, list(comp.model_tasks))
-            losses = {t: comp.tasks[t].loss(outputs[t].float(), task_batch(t, targets)).float() for t in outputs}
-        opt.zero_grad(set_to_none=True)
-        comp.strategy.backward(losses, StepContext(i, 0, shared, tails, kinds, features, last, []))
-        opt.step()
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return step, float(counter.get_total_flops()), cfg
+    step, cfg = precision_step(profile, sets, settings, device)
+    return step, count_flops(step), cfg
 
 
 def time_steps(step, steps: int, warmup: int = 3) -> float:

@@ -65,7 +65,7 @@ def measure(n: int, epochs: int, work: Path) -> dict[str, float]:
     t = time.perf_counter()
     data = load_slices(cache, list(info.patients))
     load_s = time.perf_counter() - t
-    slices_mb = (data.image.nbytes + data.labels.nbytes + sum(a.nbytes for a in data.targets.values())) / 2**20
+    slices_mb = data.nbytes / 2**20
     with h5py.File(cache, "r") as f:
         voxels = sum(int(f["patients"][p]["orig_labels"].size) for p in info.patients) / len(info.patients)
     del data

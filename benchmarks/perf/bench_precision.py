@@ -65,8 +65,11 @@ def variants(compile_: bool, only: list[str]) -> dict[str, Any]:
     return {n: s for n, s in out.items() if not only or n in only or n in (REFERENCE, PLAIN, AUTO)}
 
 
-def make_step(profile: str, sets: list[str], settings: Any) -> tuple[Callable[[int], None], Any]:
-    """A closure running training step i of the joint strategy under ``settings``, and the config."""
+def make_step(profile: str, sets: list[str], settings: Any, device: str = "cpu") -> tuple[Callable[[int], None], Any]:
+    """A closure running training step i of the joint strategy under ``settings`` on ``device``, and the config.
+
+    Four real cache batches are gathered once onto ``device``; each step augments one there.
+    """
     import numpy as np
     import torch
 
@@ -84,7 +87,7 @@ def make_step(profile: str, sets: list[str], settings: Any) -> tuple[Callable[[i
     data = load_slices(cache, folds[0]["train"])
     torch.manual_seed(0)
     comp = build_components(cfg, TrialSpec(fold=0, strategy="joint", params={"weights": {"landmarks": 1.0}}))
-    model = make_model(cfg, comp).to(memory_format=settings.memory_format)
+    model = make_model(cfg, comp).to(device=device, memory_format=settings.memory_format)
     if settings.compile:
         for part in (model.trunk, *model.tails.values()):
             part.compile()
@@ -97,7 +100,7 @@ def make_step(profile: str, sets: list[str], settings: Any) -> tuple[Callable[[i
     shared, tails = model.shared_parameters(), {k: list(v) for k, v in model.task_parameters().items()}
     last = model.last_shared_parameters()
     kinds = {t: comp.tasks[t].kind for t in comp.tasks}
-    batches = [_batch(data, rng.choice(len(data), size=cfg.train.batch_size, replace=False), keys, "cpu")
+    batches = [_batch(data, rng.choice(len(data), size=cfg.train.batch_size, replace=False), keys, device)
                for _ in range(4)]
     model.train()
 

@@ -592,6 +592,11 @@ class SliceData:
         """The ``"<task label>/<target name>"`` keys :meth:`batches` can return."""
         return set(self.targets)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-slice arrays (image, labels, targets): what :func:`stacked_nbytes` predicts."""
+        return int(self.image.nbytes + self.labels.nbytes + sum(a.nbytes for a in self.targets.values()))
+
     def batches(self, batches: Sequence[np.ndarray], keys: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         """One dict per index array of ``batches``: ``image``, ``labels`` and the targets named in ``keys``.
 

@@ -81,7 +81,7 @@ def seed_everything(seed: int) -> None:
 
 def _batch(data: Any, idx: np.ndarray, keys: list[str], device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The image (B, 1, H, W) and the targets named by ``keys`` ("labels" and "<task>/<target>") of slices ``idx``."""
-    arrays = next(iter(data.batches([np.sort(idx)], keys)))
+    arrays = next(iter(data.batches([idx], keys)))  # rows in the order of np.sort(idx), as every loader gives them
     return to_device(arrays, keys, device, memory_format(device))
 
 
@@ -122,14 +122,9 @@ def on_device(data: Any, device: str) -> Any:
     """``data`` with its arrays on ``device`` when it is a GPU and they fit (else ``data`` itself)."""
     from mtlbench.devices import resident_on_device
 
-    if not isinstance(data, SliceData) or not resident_on_device(device, slice_nbytes(data)):
+    if not isinstance(data, SliceData) or not resident_on_device(device, data.nbytes):
         return data
     return DeviceSlices.from_slices(data, device)
-
-
-def slice_nbytes(data: SliceData) -> int:
-    """Bytes of a SliceData's per-slice arrays."""
-    return int(data.image.nbytes + data.labels.nbytes + sum(a.nbytes for a in data.targets.values()))
 
 
 class DeviceSlices:
@@ -384,7 +379,7 @@ def run_trial(
             order = _epoch_order(rng, train_idx, fg_idx, per_epoch, tc.foreground_fraction)
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
-            plan = [np.sort(order[b * tc.batch_size : (b + 1) * tc.batch_size]) for b in range(steps_per_epoch)]
+            plan = [order[b * tc.batch_size : (b + 1) * tc.batch_size] for b in range(steps_per_epoch)]
             plan = [idx for idx in plan if len(idx)]  # the epoch's batches, known up front: a loader may read ahead
             for b, arrays in enumerate(data.batches(plan, keys)):
                 image, targets = to_device(arrays, keys, device, fmt)
