@@ -245,7 +245,10 @@ class CachedPatient:
 
     ``image`` (S, H, W) float32 and ``labels`` (S, H, W) uint8 (0 background,
     i = ``organs[i - 1]``) are on the cache grid; ``orig_labels`` (Z, Y, X)
-    uint8 on the original grid ``geometry``; ``index_to_physical`` maps cache
+    uint8 on the original grid ``geometry`` (the image's voxels in the canonical
+    orientation, ``preprocess.orientation``); ``source_geometry`` is the grid
+    of the image file itself when reorienting changed it (else None, see
+    :meth:`to_source`); ``index_to_physical`` maps cache
     indices to LPS mm; ``landmarks`` are the configured ones the patient has;
     ``targets`` maps task label -> target name -> the arrays its
     ``Task.prepare`` returned. ``shape`` is the cache grid's (S, H, W); a
@@ -264,6 +267,7 @@ class CachedPatient:
     files: dict[str, str] = field(default_factory=dict)
     targets: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     shape: tuple[int, int, int] | None = None
+    source_geometry: Geometry | None = None
 
     def __post_init__(self) -> None:
         if self.shape is None:
@@ -271,6 +275,15 @@ class CachedPatient:
 
     def grid(self) -> CacheGrid:
         return CacheGrid(tuple(self.shape), self.index_to_physical, self.geometry)  # type: ignore[arg-type]
+
+    def to_source(self, array: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """A (Z, Y, X) array on the original grid ``geometry`` -> the same voxels on the image file's own
+        grid, and that grid: what a task's ``export`` writes, so files line up voxel for voxel with the input."""
+        if self.source_geometry is None:
+            return np.asarray(array), self.geometry
+        from mtlbench.data.orient import between
+
+        return np.ascontiguousarray(between(self.source_geometry, self.geometry).invert(array)), self.source_geometry
 
 
 # --------------------------------------------------------------------------- model
@@ -339,6 +352,10 @@ class EvalVolume:
     @property
     def index_to_physical(self) -> np.ndarray:
         return self.record.index_to_physical
+
+    def to_source(self, array: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """See :meth:`CachedPatient.to_source`: an original-grid array on the image file's own grid."""
+        return self.record.to_source(array)
 
     @property
     def landmarks(self) -> list[Landmark]:

@@ -111,6 +111,14 @@ class PreprocessConfig(Section):
     clamp: tuple[float, float] = (-1024.0, 1024.0)
     scale: Annotated[float, Field(gt=0)] = 500.0
     slice_size: tuple[PositiveInt, PositiveInt] = (256, 256)
+    orientation: str = "LPS"
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str) -> str:
+        from mtlbench.data.orient import check_code
+
+        return check_code(v)
 
     @field_validator("clamp")
     @classmethod

@@ -192,7 +192,7 @@ def one_line_error(stderr: str, *names: str) -> str:
 def test_cache_datasets_carry_checksums(root, own_cache):
     path = build_cache(config(root), manager=make_manager())
     with h5py.File(path, "r", locking=False) as f:
-        assert f.attrs["format_version"] == FORMAT_VERSION == 3
+        assert f.attrs["format_version"] == FORMAT_VERSION == 4
         assert f.attrs[cache_mod.ATTRS_DIGEST] == cache_mod.attrs_digest(f.attrs)
         for pid in IDS:
             grp = f[f"patients/{pid}"]
@@ -273,10 +273,10 @@ def test_truncated_cache_is_rebuilt_with_a_warning(root, own_cache, warnings_log
 def test_old_format_is_rebuilt_not_misread(root, own_cache):
     path = build_cache(config(root), manager=make_manager())
     with h5py.File(path, "a", locking=False) as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(DataError, match="format 2, expected 3"):
+        f.attrs["format_version"] = 3
+    with pytest.raises(DataError, match="format 3, expected 4"):
         load_patient(path, "p1")
-    assert cache_problem(path, key_of(path), IDS, DECLARED) == "format 2, expected 3"
+    assert cache_problem(path, key_of(path), IDS, DECLARED) == "format 3, expected 4"
 
 
 # ----------------------------------------------------------------------------- checkpoints

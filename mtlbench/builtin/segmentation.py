@@ -120,15 +120,17 @@ class Segmentation(Task):
         return self._scores(metrics.overlap(pred, ref, n), surface)
 
     def export(self, volume: EvalVolume, out_dir: Path) -> list[Path]:
-        """Write ``<patient>_labels.nii.gz``: the predicted label map on the original grid (uint8).
+        """Write ``<patient>_labels.nii.gz``: the predicted label map (uint8) on the image file's own grid.
 
-        It is the same map the final evaluation scores (``labels_to_original``).
+        It is the map the final evaluation scores (``labels_to_original``), put back
+        into the image's own index order (``EvalVolume.to_source``).
         """
         from mtlbench.data.io import write_volume
         from mtlbench.engine.resample import labels_to_original
 
         path = Path(out_dir) / f"{volume.patient}_labels.nii.gz"
-        write_volume(path, labels_to_original(np.asarray(volume.output), volume.geometry), volume.geometry, np.uint8)
+        labels, geometry = volume.to_source(labels_to_original(np.asarray(volume.output), volume.geometry))
+        write_volume(path, labels, geometry, np.uint8)
         return [path]
 
     def combine(self, outputs) -> np.ndarray:

@@ -1,18 +1,19 @@
 """The HDF5 slice cache: its content key, building it once (atomically, under a lock) and reading it back.
 
-Layout (format 3; docs/results.md describes it for users): file attrs
+Layout (format 4; docs/results.md describes it for users): file attrs
 ``format_version``, ``key``, ``organs``, ``landmarks``, ``settings``,
 ``targets`` (json: task label -> its declared ``Target`` fields),
 ``patients`` (json list of ids in source order), ``complete`` and
 ``attrs_sha256``; one group ``/patients/<id>`` per patient with datasets
 ``image`` (S, H, W) float32, ``labels`` (S, H, W) uint8, ``orig_labels``
-(Z, Y, X) uint8, attrs ``index_to_physical``, ``geometry``,
-``landmark_names``, ``landmark_positions``, ``files``, ``attrs_sha256``, and
+(Z, Y, X) uint8 (all in the canonical orientation, ``preprocess.orientation``),
+attrs ``index_to_physical``, ``geometry``, ``source_geometry`` (only when
+reorienting changed the image's grid), ``landmark_names``, ``landmark_positions``, ``files``, ``attrs_sha256``, and
 each task's targets under ``/patients/<id>/targets/<task label>/<target
 name>`` (per-slice ones with the slice axis first, chunked one slice at a
 time; gzip level 1 + shuffle + fletcher32).
 
-Integrity (format 3): every non-empty dataset carries HDF5's fletcher32
+Integrity (formats 3 and 4): every non-empty dataset carries HDF5's fletcher32
 checksum per chunk, so any read of a damaged chunk fails instead of returning
 wrong numbers; the file and every patient group carry ``attrs_sha256``, the
 sha256 of their other attributes (h5py keeps string attributes in HDF5's
@@ -73,7 +74,7 @@ from mtlbench.paths import cache_dir
 if TYPE_CHECKING:  # pragma: no cover
     from mtlbench.config import Config
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: volumes reindexed to preprocess.orientation, source_geometry
 _BLOCK = 1 << 20
 _COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
 _LIBVER = "v110"  # HDF5 >= 1.10 structures: checksummed object headers
@@ -505,6 +506,8 @@ def _write_patient(grp: Any, p: CachedPatient, tasks: Mapping[str, Task]) -> Non
     grp.create_dataset("orig_labels", data=p.orig_labels, chunks=(1, y, x), **_COMPRESSION)
     grp.attrs["index_to_physical"] = np.asarray(p.index_to_physical, dtype=np.float64)
     grp.attrs["geometry"] = json.dumps(p.geometry.to_dict())
+    if p.source_geometry is not None:  # the image file's own grid, when reorienting changed it
+        grp.attrs["source_geometry"] = json.dumps(p.source_geometry.to_dict())
     grp.attrs["landmark_names"] = json.dumps([lm.name for lm in p.landmarks])
     grp.attrs["landmark_positions"] = np.array([lm.position for lm in p.landmarks], dtype=np.float64).reshape(-1, 3)
     grp.attrs["files"] = json.dumps(p.files)
@@ -823,6 +826,7 @@ def load_patient(path: str | Path, pid: str, arrays: bool = True) -> CachedPatie
             landmarks=[Landmark(n, tuple(float(v) for v in pos)) for n, pos in zip(json.loads(attrs["landmark_names"]), positions)],
             files=json.loads(attrs["files"]),
             targets=targets,
+            source_geometry=Geometry.from_dict(json.loads(attrs["source_geometry"])) if "source_geometry" in attrs else None,
         )
 
 

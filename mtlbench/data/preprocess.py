@@ -1,6 +1,7 @@
-"""Turns one loaded Patient into its slice-cache record: intensity, slice resizing, the label map, then each task's targets.
+"""Turns one loaded Patient into its slice-cache record: orientation, intensity, slice resizing, the label map, then each task's targets.
 
-The core prepares what every run needs (the normalised image and the organ
+The core prepares what every run needs (the volume reindexed to the canonical
+orientation, ``mtlbench.data.orient``; the normalised image and the organ
 label map on the cache grid, the label map on the original grid); every task
 that declares targets then computes them from the patient and the cache grid
 (``Task.prepare``). Grid conventions: ``mtlbench.data.grid``.
@@ -16,6 +17,7 @@ import numpy as np
 
 from mtlbench.api import CachedPatient, CacheGrid, Landmark, Patient, Target, Task
 from mtlbench.data.grid import cache_affine, resize_slices
+from mtlbench.data.orient import reorientation
 from mtlbench.errors import ConfigError, DataError, PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,10 +91,13 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
             f"geometry size {tuple(geometry.size)} (x, y, z)"
         )
     pre = cfg.preprocess
+    source = geometry
+    patient = reorient_patient(patient, pre.orientation)
+    geometry = patient.geometry
     size = tuple(int(v) for v in pre.slice_size)
     image = resize_slices(normalize(patient.image, pre.clamp, pre.scale), size, "bilinear")
     try:
-        orig_labels = label_map(patient.masks, cfg.data.organs, expected)
+        orig_labels = label_map(patient.masks, cfg.data.organs, tuple(reversed(geometry.size)))
     except DataError as exc:
         raise DataError(f"patient {patient.id}: {exc}") from None
     labels = resize_slices(orig_labels, size, "nearest-exact")
@@ -106,6 +111,7 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
         geometry=geometry,
         landmarks=landmarks,
         files=dict(patient.files),
+        source_geometry=None if geometry == source else source,
     )
     grid = record.grid()
     seen = replace(patient, landmarks=landmarks)  # the configured landmarks only, as the cache records them
@@ -116,6 +122,26 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
         out = task.prepare(seen, grid)
         record.targets[label] = check_targets(label, task, declared, out, grid, patient.id)
     return record
+
+
+def reorient_patient(patient: Patient, orientation: str) -> Patient:
+    """The patient with image and masks reindexed to ``orientation`` (``mtlbench.data.orient``); the same
+    voxels, so landmarks (physical points) are unchanged. Shapes are checked by the caller first."""
+    r = reorientation(patient.geometry, orientation)
+    if r.identity:
+        return patient
+    for organ, mask in patient.masks.items():
+        if tuple(np.shape(mask)) != tuple(np.shape(patient.image)):
+            raise DataError(
+                f"patient {patient.id}: mask of {organ!r} has shape {tuple(np.shape(mask))}, "
+                f"expected {tuple(np.shape(patient.image))}"
+            )
+    return replace(
+        patient,
+        image=r.apply(patient.image),
+        masks={organ: r.apply(mask) for organ, mask in patient.masks.items()},
+        geometry=r.target,
+    )
 
 
 def check_targets(
