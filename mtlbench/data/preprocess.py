@@ -17,7 +17,7 @@ import numpy as np
 
 from mtlbench.api import CachedPatient, CacheGrid, Landmark, Patient, Target, Task
 from mtlbench.data.grid import cache_affine, resize_slices
-from mtlbench.data.orient import reorientation
+from mtlbench.data.orient import Reorientation, reorientation
 from mtlbench.errors import ConfigError, DataError, PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,15 +91,16 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
             f"geometry size {tuple(geometry.size)} (x, y, z)"
         )
     pre = cfg.preprocess
-    source = geometry
-    patient = reorient_patient(patient, pre.orientation)
+    try:  # on the file's own grid first: label_map checks every mask's shape against the image's
+        orig_labels = label_map(patient.masks, cfg.data.organs, expected)
+    except DataError as exc:
+        raise DataError(f"patient {patient.id}: {exc}") from None
+    turn = reorientation(geometry, pre.orientation)
+    patient = reorient_patient(patient, turn)
+    orig_labels = np.ascontiguousarray(turn.apply(orig_labels))
     geometry = patient.geometry
     size = tuple(int(v) for v in pre.slice_size)
     image = resize_slices(normalize(patient.image, pre.clamp, pre.scale), size, "bilinear")
-    try:
-        orig_labels = label_map(patient.masks, cfg.data.organs, tuple(reversed(geometry.size)))
-    except DataError as exc:
-        raise DataError(f"patient {patient.id}: {exc}") from None
     labels = resize_slices(orig_labels, size, "nearest-exact")
     landmarks = patient_landmarks(patient, cfg.data.landmarks)
     record = CachedPatient(
@@ -111,7 +112,7 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
         geometry=geometry,
         landmarks=landmarks,
         files=dict(patient.files),
-        source_geometry=None if geometry == source else source,
+        source_geometry=None if turn.identity else turn.source,
     )
     grid = record.grid()
     seen = replace(patient, landmarks=landmarks)  # the configured landmarks only, as the cache records them
@@ -124,23 +125,16 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
     return record
 
 
-def reorient_patient(patient: Patient, orientation: str) -> Patient:
-    """The patient with image and masks reindexed to ``orientation`` (``mtlbench.data.orient``); the same
-    voxels, so landmarks (physical points) are unchanged. Shapes are checked by the caller first."""
-    r = reorientation(patient.geometry, orientation)
-    if r.identity:
+def reorient_patient(patient: Patient, turn: Reorientation) -> Patient:
+    """The patient with image and masks reindexed by ``turn`` (``mtlbench.data.orient.reorientation`` of its
+    geometry); the same voxels, so landmarks (physical points) are unchanged. Mask shapes are the caller's to check."""
+    if turn.identity:
         return patient
-    for organ, mask in patient.masks.items():
-        if tuple(np.shape(mask)) != tuple(np.shape(patient.image)):
-            raise DataError(
-                f"patient {patient.id}: mask of {organ!r} has shape {tuple(np.shape(mask))}, "
-                f"expected {tuple(np.shape(patient.image))}"
-            )
     return replace(
         patient,
-        image=r.apply(patient.image),
-        masks={organ: r.apply(mask) for organ, mask in patient.masks.items()},
-        geometry=r.target,
+        image=turn.apply(patient.image),
+        masks={organ: turn.apply(mask) for organ, mask in patient.masks.items()},
+        geometry=turn.target,
     )
 
 
