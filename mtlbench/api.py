@@ -197,29 +197,38 @@ class CacheGrid:
     """The slice grid of one patient's cache entry, handed to ``Task.prepare``.
 
     ``shape`` is (S, H, W): the original volume's slices (numpy axis 0),
-    each resized in-plane to ``preprocess.slice_size``. ``index_to_physical``
-    maps a cache index (slice, row, col, 1) to LPS mm; ``geometry`` is the
-    original image grid. Pixel centres are aligned: cache pixel (r, c) is
-    centred on original continuous index j = (r + 0.5) * Y / H - 0.5,
-    i = (c + 0.5) * X / W - 0.5.
+    each resampled in-plane to ``preprocess.slice_size`` pixels.
+    ``index_to_physical`` maps a cache index (slice, row, col, 1) to LPS mm;
+    ``geometry`` is the original image grid. Pixel centres are aligned: by
+    default the whole slice is resized and cache pixel (r, c) is centred on
+    original continuous index j = (r + 0.5) * Y / H - 0.5,
+    i = (c + 0.5) * X / W - 0.5; with ``preprocess.spacing_mm`` the cache
+    pixels have that size and the cache slice is centred on the image's
+    (cropping or padding it). Use ``to_index``/``to_physical`` and
+    ``resample`` rather than these formulas: they hold in both cases.
     """
 
     shape: tuple[int, int, int]
     index_to_physical: np.ndarray
     geometry: Geometry
 
-    def resample(self, volume: np.ndarray, mode: Literal["linear", "nearest"] = "linear") -> np.ndarray:
+    def resample(
+        self, volume: np.ndarray, mode: Literal["linear", "nearest"] = "linear", fill: float = 0.0
+    ) -> np.ndarray:
         """A (Z, Y, X) array on the original grid -> (S, H, W) on the cache grid.
 
         ``"linear"``: antialiased bilinear, float32 (the image's own resize);
         ``"nearest"``: centre-aligned nearest neighbour, dtype kept (the labels').
+        Cache pixels beyond the original slice (a fixed ``preprocess.spacing_mm``
+        whose field of view is larger than the image's) get ``fill``.
         """
-        from mtlbench.data.grid import resize_slices
+        from mtlbench.data.grid import plane_of, resize_slices
 
         expected = tuple(reversed(self.geometry.size))
         if tuple(np.shape(volume)) != expected:
             raise ValueError(f"resample expects a volume of shape {expected} (z, y, x), got {np.shape(volume)}")
-        return resize_slices(volume, self.shape[1:], "nearest-exact" if mode == "nearest" else "bilinear")
+        plane = plane_of(self.index_to_physical, self.geometry, self.shape[1:])
+        return resize_slices(volume, self.shape[1:], "nearest-exact" if mode == "nearest" else "bilinear", plane, fill)
 
     def to_index(self, points_lps: np.ndarray) -> np.ndarray:
         """(N, 3) LPS points (mm) -> (N, 3) continuous cache indices (slice, row, col)."""

@@ -37,6 +37,7 @@ class Section(BaseModel):
 Int = StrictInt
 Bool = StrictBool
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def pooling_divisor(widths: list[int]) -> int:
@@ -111,6 +112,9 @@ class PreprocessConfig(Section):
     clamp: tuple[float, float] = (-1024.0, 1024.0)
     scale: Annotated[float, Field(gt=0)] = 500.0
     slice_size: tuple[PositiveInt, PositiveInt] = (256, 256)
+    #: (row, col) mm per cache pixel: slices are resampled to this spacing around the image's centre,
+    #: then cropped or padded to slice_size. None: the whole slice is resized to slice_size.
+    spacing_mm: tuple[PositiveFloat, PositiveFloat] | None = None
     orientation: str = "LPS"
 
     @field_validator("orientation")

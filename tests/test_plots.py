@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from mtlbench.data.grid import cache_affine
 from mtlbench.errors import DataError
 from mtlbench.report.leaderboard import build_leaderboard
 from mtlbench.report.markdown import write_report
@@ -52,13 +53,14 @@ def _example(path: Path, patient: str, joint: bool) -> None:
     pred[0, 13:33, 10:22] = 1
     pred[0, 12:30, 30:42] = 2
     heat = np.exp(-((yy - 20) ** 2 + (xx - 14) ** 2) / 18.0).astype(np.float32)[None, None]
+    geometry = Geometry(size=(W, H, 1), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
     rec = CachedPatient(
         id=patient,
         image=np.linspace(-1.0, 1.0, H * W, dtype=np.float32).reshape(1, H, W),
         labels=labels,
         orig_labels=labels,
-        index_to_physical=np.eye(4),
-        geometry=Geometry(size=(W, H, 1), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)),
+        index_to_physical=cache_affine(geometry, (H, W)),
+        geometry=geometry,
         targets={"landmarks": {"heatmaps": heat}},
     )
     outputs = {"segmentation": 10.0 * np.moveaxis(np.eye(3, dtype=np.float32)[pred], -1, 1)}

@@ -19,6 +19,7 @@ from scipy.spatial.distance import cdist
 
 from mtlbench.api import CachedPatient, DatasetInfo, EvalVolume, Geometry, MetricInfo
 from mtlbench.builtin.segmentation import Segmentation, SegmentationParams
+from mtlbench.data.grid import cache_affine
 from mtlbench.engine import metrics
 
 # ----------------------------------------------------------------------------- the independent reference
@@ -279,13 +280,14 @@ def final_volume(orig: np.ndarray, pred: np.ndarray, spacing_xyz=(0.7, 0.9, 2.5)
     """An EvalVolume whose output resamples (same size) exactly to ``pred`` on the original grid."""
     z, y, x = orig.shape
     logits = 10.0 * np.moveaxis(np.eye(3, dtype=np.float32)[pred], -1, 1)
+    geometry = Geometry(size=(x, y, z), spacing=spacing_xyz, origin=(0.0, 0.0, 0.0))
     rec = CachedPatient(
         id="p1",
         image=np.zeros(orig.shape, np.float32),
         labels=orig,
         orig_labels=orig,
-        index_to_physical=np.eye(4),
-        geometry=Geometry(size=(x, y, z), spacing=spacing_xyz, origin=(0.0, 0.0, 0.0)),
+        index_to_physical=cache_affine(geometry, orig.shape[1:]),
+        geometry=geometry,
     )
     return EvalVolume(rec, logits, {}, True)
 

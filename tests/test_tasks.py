@@ -13,7 +13,7 @@ from mtlbench.api import CachedPatient, DatasetInfo, EvalVolume, Geometry, Landm
 from mtlbench.builtin.landmarks import LandmarkParams, Landmarks
 from mtlbench.builtin.segmentation import Segmentation, SegmentationParams
 from mtlbench.builtin import landmarks as lmk
-from mtlbench.data.grid import index_to_physical
+from mtlbench.data.grid import cache_affine as grid_affine, index_to_physical
 from mtlbench.engine import metrics
 from mtlbench.plugins import get_manager, reset_manager
 
@@ -130,13 +130,14 @@ def seg_volume(orig: np.ndarray, cache_pred: np.ndarray, final: bool, spacing=(0
     z, y, x = orig.shape
     cache_labels = orig[:, ::2, ::2].copy()  # block-aligned: equals the nearest-exact resize
     logits = 10.0 * np.moveaxis(np.eye(3, dtype=np.float32)[cache_pred], -1, 1)  # (S, C, H, W)
+    geometry = Geometry(size=(x, y, z), spacing=spacing, origin=(0.0, 0.0, 0.0))
     rec = CachedPatient(
         id="p1",
         image=np.zeros(cache_labels.shape, np.float32),
         labels=cache_labels,
         orig_labels=orig,
-        index_to_physical=np.eye(4),
-        geometry=Geometry(size=(x, y, z), spacing=spacing, origin=(0.0, 0.0, 0.0)),
+        index_to_physical=grid_affine(geometry, cache_labels.shape[1:]),
+        geometry=geometry,
     )
     return EvalVolume(rec, logits, {}, final)
 
@@ -294,10 +295,12 @@ def test_segmentation_export_writes_the_evaluated_map(tmp_path):
     vol = seg_volume(orig, np.roll(small, 1, axis=1), final=True)
     vol.record.geometry = Geometry(size=(40, 24, 5), spacing=(0.7, 0.9, 2.5), origin=(10.0, -5.0, 3.0),
                             direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    vol.record.index_to_physical = grid_affine(vol.record.geometry, small.shape[1:])
     (path,) = Segmentation(SegmentationParams(), INFO).export(vol, tmp_path)
     assert path.name == "p1_labels.nii.gz"
     array, geometry = read_volume(path)
-    assert np.array_equal(array, labels_to_original(vol.output, vol.geometry))
+    assert np.array_equal(array, labels_to_original(vol.output, vol.geometry, vol.index_to_physical))
+    assert np.array_equal(array, labels_to_original(vol.output, vol.geometry))  # the whole slice resized
     assert geometry.size == vol.geometry.size
     assert np.allclose(geometry.index_to_physical(), vol.geometry.index_to_physical())
 

@@ -102,7 +102,7 @@ class Segmentation(Task):
             return self._scores(metrics.overlap(pred, volume.labels, n), {})
         from mtlbench.engine.resample import labels_to_original
 
-        pred = labels_to_original(output, volume.geometry)
+        pred = labels_to_original(output, volume.geometry, volume.index_to_physical)
         ref = np.asarray(volume.orig_labels)
         if pred.shape != ref.shape:
             raise ValueError(
@@ -129,7 +129,8 @@ class Segmentation(Task):
         from mtlbench.engine.resample import labels_to_original
 
         path = Path(out_dir) / f"{volume.patient}_labels.nii.gz"
-        labels, geometry = volume.to_source(labels_to_original(np.asarray(volume.output), volume.geometry))
+        on_grid = labels_to_original(np.asarray(volume.output), volume.geometry, volume.index_to_physical)
+        labels, geometry = volume.to_source(on_grid)
         write_volume(path, labels, geometry, np.uint8)
         return [path]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from mtlbench.api import CachedPatient, CacheGrid, Landmark, Patient, Target, Task
-from mtlbench.data.grid import cache_affine, resize_slices
+from mtlbench.data.grid import cache_affine
 from mtlbench.data.orient import Reorientation, reorientation
 from mtlbench.errors import ConfigError, DataError, PluginError
 
@@ -100,15 +100,18 @@ def preprocess_patient(patient: Patient, cfg: "Config", tasks: Mapping[str, Task
     orig_labels = np.ascontiguousarray(turn.apply(orig_labels))
     geometry = patient.geometry
     size = tuple(int(v) for v in pre.slice_size)
-    image = resize_slices(normalize(patient.image, pre.clamp, pre.scale), size, "bilinear")
-    labels = resize_slices(orig_labels, size, "nearest-exact")
+    affine = cache_affine(geometry, size, pre.spacing_mm)
+    grid = CacheGrid((int(orig_labels.shape[0]),) + size, affine, geometry)  # type: ignore[arg-type]
+    # padding beyond the image (a fixed spacing with a larger field of view) is the window's lowest value
+    image = grid.resample(normalize(patient.image, pre.clamp, pre.scale), "linear", fill=pre.clamp[0] / pre.scale)
+    labels = grid.resample(orig_labels, "nearest")
     landmarks = patient_landmarks(patient, cfg.data.landmarks)
     record = CachedPatient(
         id=patient.id,
         image=image,
         labels=labels,
         orig_labels=orig_labels,
-        index_to_physical=cache_affine(geometry, size),
+        index_to_physical=affine,
         geometry=geometry,
         landmarks=landmarks,
         files=dict(patient.files),
