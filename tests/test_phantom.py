@@ -203,7 +203,7 @@ def _median(image, mask, erode=0):
 
 
 @pytest.mark.parametrize(
-    "organ, low, high", [("kidney_right", 15, 45), ("kidney_left", 15, 45), ("liver", 45, 70),
+    "organ, low, high", [("kidney_right", 0, 45), ("kidney_left", 0, 45), ("liver", 45, 70),
                          ("spleen", 38, 56), ("aorta", 28, 52)]
 )
 def test_organ_hu_medians(patients, organ, low, high):

@@ -26,7 +26,7 @@ from mtlbench.errors import DataError
 
 
 #: Bump whenever the generated files change for the same (patients, seed).
-PHANTOM_VERSION: int = 1
+PHANTOM_VERSION: int = 2
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("patient", "image", "landmarks") + tuple(f"mask:{o}" for o in ORGANS)
 MARKER = ".complete"
