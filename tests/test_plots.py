@@ -241,3 +241,32 @@ def test_overlays_draw_what_each_task_pictures(tmp_path):
     paths = plot_overlays(json.loads((run / "results.json").read_text()), run, run / "plots")
     widths = [imread(p).shape[1] for p in paths]
     assert widths[1] > 2 * widths[0]  # organs + truth map + predicted map vs organs only
+
+
+def test_parallel_writes_equal_serial_ones_and_survive_a_script_without_main_guard(tmp_path, monkeypatch):
+    """make_plots draws in writer processes when it has 2+ CPUs: the files are byte-identical to writing them
+    in-process, and a script that calls it at top level (no ``if __name__ == "__main__"``, so spawned
+    children cannot start) still gets every figure, written in-process."""
+    import subprocess
+    import sys
+
+    from mtlbench.report import plots
+
+    run = make_run(tmp_path / "a")
+    monkeypatch.setattr(plots, "_writer_count", lambda: 2)
+    parallel = {p.name: p.read_bytes() for p in make_plots(run)}
+    monkeypatch.setattr(plots, "_writer_count", lambda: 0)
+    serial = {p.name: p.read_bytes() for p in make_plots(run)}
+    assert parallel == serial and len(serial) >= 3
+
+    other = make_run(tmp_path / "b")
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from mtlbench.report import plots\n"
+        "plots._writer_count = lambda: 2\n"
+        f"print(len(plots.make_plots({str(other)!r})))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip().splitlines()[-1]) == len(serial)
+    assert sorted(p.name for p in (other / "plots").glob("*.png")) == sorted(serial)  # (and, there, their PDFs)

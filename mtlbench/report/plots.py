@@ -7,6 +7,7 @@ import json
 import math
 import re
 import zipfile
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,47 @@ def _figure(ncols: int, width: float = 5.0, height: float = 4.0) -> tuple[Any, l
     return fig, list(axes)
 
 
+#: Where ``_save`` hands figures while :func:`make_plots` runs (its pool of writer processes), else None.
+_WRITERS: ContextVar[Any] = ContextVar("mtlbench_plot_writers", default=None)
+
+
 def _save(fig: Any, path: Path) -> Path:
-    """Write ``path`` (a .png) and the same figure in every other of :data:`FORMATS` beside it; returns the PNG."""
-    for fmt in FORMATS:
+    """Write ``path`` (a .png) and the same figure in every other of :data:`FORMATS` beside it; returns the PNG.
+
+    Inside :func:`make_plots` the figure is pickled to a writer process instead (drawing it, twice, is most
+    of a report's time) and written there; make_plots waits for every write."""
+    writers = _WRITERS.get()
+    if writers is None:
+        _write(fig, path, DPI, FORMATS)
+    else:  # the settings travel with the figure: a writer process sees only the module's defaults
+        writers.append((writers.pool.submit(_write, fig, path, DPI, FORMATS), fig, path))
+    return path
+
+
+def _write(fig: Any, path: Path, dpi: int, formats: tuple[str, ...]) -> None:
+    for fmt in formats:
         target = path.with_suffix(f".{fmt}")
         with atomic_path(target, suffix=f".{fmt}") as tmp:
-            fig.savefig(tmp, format=fmt, dpi=DPI)
-    return path
+            fig.savefig(tmp, format=fmt, dpi=dpi)
+
+
+class _Writers(list):
+    """The pending writes of one make_plots call, and the pool they run in."""
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__()
+        self.pool = pool
+
+
+def _writer_count() -> int:
+    """Writer processes for make_plots: the CPUs this process may use, at most 4; 0 (write in-process) on one."""
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return 0 if n < 2 else min(n, 4)
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -485,6 +520,30 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     results = load_results(run_dir)
     out_dir = run_dir / PLOTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    workers = _writer_count()
+    if not workers:
+        return _all_plots(results, run_dir, out_dir)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn: the caller may hold threads (Ray's, torch's) that a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        writes = _Writers(pool)
+        token = _WRITERS.set(writes)
+        try:
+            paths = _all_plots(results, run_dir, out_dir)
+        finally:
+            _WRITERS.reset(token)
+        for future, fig, path in writes:
+            try:
+                future.result()  # a failed write raises here (the pool finishes the others first)
+            except BrokenProcessPool:  # e.g. a script without a __main__ guard: its children cannot start
+                _write(fig, path, DPI, FORMATS)
+    return paths
+
+
+def _all_plots(results: dict[str, Any], run_dir: Path, out_dir: Path) -> list[Path]:
     paths = plot_learning_curves(results, out_dir)
     sweep = plot_lambda_sweep(results, out_dir)
     if sweep is not None:
