@@ -277,7 +277,7 @@ class SignedDistance(Task):
             if not np.any(mask):
                 continue
             scaled = scaled_sdm(mask, spacing_zyx, self.params.clip_mm)
-            out[:, c] = snap_saturated(grid.resample(scaled, "linear"))
+            out[:, c] = snap_saturated(grid.resample(scaled, "linear", fill=1.0))  # beyond the scan: far outside
         return {TARGET: out}
 
     # -- training ----------------------------------------------------------------

@@ -163,6 +163,18 @@ def test_prepare_shape_dtype_and_values():
     assert sdm[0, 0, 0, 0] == 1.0
 
 
+def test_prepare_pads_beyond_the_scan_with_far_outside():
+    """With a fixed spacing whose field of view is wider than the scan, the cache pixels beyond it read +1
+    (far outside every organ), not 0 (an organ's boundary)."""
+    patient, _ = _patient(masks={"kidney_right": np.ones((12, 36, 40), dtype=bool)})  # organ to the image's edge
+    geometry = patient.geometry
+    wide = CacheGrid((12, 32, 32), cache_affine(geometry, (32, 32), (3.0, 3.0)), geometry)  # 96 mm > the scan
+    sdm = task(clip_mm=10.0).prepare(patient, wide)["sdm"][:, 0]
+    inside = wide.resample(np.ones((12, 36, 40), dtype=np.float32), "linear", fill=0.0) > 0.5
+    assert inside.any() and (~inside).any()
+    assert np.all(sdm[~inside] == 1.0) and np.all(sdm[inside] < 1.0)
+
+
 def test_prepare_organ_order_absent_organ_and_bad_mask():
     patient, grid = _patient()
     both = task().prepare(patient, grid)["sdm"]
