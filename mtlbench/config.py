@@ -204,6 +204,9 @@ class ResourcesConfig(Section):
     loader: Literal["auto", "memory", "stream"] = "auto"
     #: The most MB of training slices held in memory (for "auto"); default: a quarter of this machine's RAM.
     memory_budget_mb: PositiveInt | None = None
+    #: Processes that load and preprocess patients while the slice cache is built; default: the CPUs
+    #: available, at most 8 and at most one per 4 patients; 1 = in the main process.
+    cache_workers: PositiveInt | None = None
 
 
 def _installed(package: str) -> bool:

@@ -213,8 +213,10 @@ def build_cache(cfg: "Config", manager: Any = None, progress: bool = False, cons
             LOG.warning("%s: slice cache is damaged (%s); rebuilding it", path, problem)
         with storage_errors(path):
             path.unlink(missing_ok=True)
+        # worker processes rebuild source and tasks from cfg: only possible with the installed plugins
+        workers = build_workers(cfg, len(ids)) if manager is None else 0
         with atomic_path(path, suffix=".h5") as tmp:
-            _write_cache(tmp, cfg, source, tasks, ids, key, progress, console)
+            _write_cache(tmp, cfg, source, tasks, ids, key, progress, console, workers)
     return path
 
 
@@ -445,11 +447,12 @@ def _write_cache(
     key: str,
     progress: bool,
     console: Any,
+    workers: int = 0,
 ) -> None:
     """Write the whole cache into ``tmp``; the first failed write's OSError (once the file is closed) if any."""
     with _GuardedFile(tmp) as raw:
         try:
-            _write_hdf5(raw, cfg, source, tasks, ids, key, progress, console)
+            _write_hdf5(raw, cfg, source, tasks, ids, key, progress, console, workers)
         except Exception:
             raw.check()  # a failed write is the cause of whatever HDF5 did after it
             raise
@@ -465,6 +468,7 @@ def _write_hdf5(
     key: str,
     progress: bool,
     console: Any,
+    workers: int = 0,
 ) -> None:
     """The HDF5 content: header, one group per patient (stopping at the first failed write), then ``complete``."""
     import h5py
@@ -473,16 +477,123 @@ def _write_hdf5(
     with h5py.File(raw, "w", libver=_LIBVER) as f, _progress(progress, console, len(ids)) as (show, done):
         _write_header(f, settings, ids, key)
         root = f.create_group("patients")
-        for pid in ids:
-            show(pid)
-            patient = source.load(pid)
-            if patient.id != pid:
-                raise DataError(f"dataset source returned patient {patient.id!r} when asked for {pid!r}")
-            _write_patient(root.create_group(pid), preprocess_patient(patient, cfg, tasks), tasks)
+        for pid, record in _prepared(cfg, source, tasks, ids, workers, show):
+            _write_patient(root.create_group(pid), record, tasks)
             raw.check()
             done()
         f.attrs["complete"] = True
         _seal(f)
+
+
+# ----------------------------------------------------------------------------- preparing patients
+
+
+#: Patients per worker below which the default does not start one (a spawned worker costs 1-3 s to start).
+PATIENTS_PER_WORKER = 4
+
+
+def build_workers(cfg: "Config", patients: int) -> int:
+    """Processes that load and preprocess patients while a cache is built: ``resources.cache_workers``, or
+    by default the CPUs this process may use, at most 8 and at most one per 4 patients; 0 means in this process."""
+    import os
+
+    wanted = cfg.resources.cache_workers
+    if wanted is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        wanted = min(cpus, 8, patients // PATIENTS_PER_WORKER)
+    wanted = min(int(wanted), patients)
+    return wanted if wanted > 1 else 0
+
+
+def _prepare(source: DatasetSource, cfg: "Config", tasks: Mapping[str, Task], pid: str) -> CachedPatient:
+    patient = source.load(pid)
+    if patient.id != pid:
+        raise DataError(f"dataset source returned patient {patient.id!r} when asked for {pid!r}")
+    return preprocess_patient(patient, cfg, tasks)
+
+
+def _prepared(
+    cfg: "Config", source: DatasetSource, tasks: Mapping[str, Task], ids: list[str], workers: int, show: Any
+) -> Iterator[tuple[str, CachedPatient]]:
+    """(id, record) for every patient, in ``ids`` order: in this process, or from ``workers`` processes
+    (spawned; each builds its own source and tasks from ``cfg``) with at most 2 records per worker in flight,
+    so memory stays bounded. A worker's log records are re-emitted here, in patient order, and its first
+    error (a DataError naming the patient) is raised here after the pending work is cancelled."""
+    if not workers:
+        for pid in ids:
+            show(pid)
+            yield pid, _prepare(source, cfg, tasks, pid)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    level = logging.getLogger().getEffectiveLevel()
+    context = multiprocessing.get_context("spawn")  # the caller may hold threads (Ray's) a fork must not copy
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(cfg, level))
+    pending: deque = deque()
+    todo = iter(ids)
+    try:
+        for pid in todo:
+            pending.append((pid, pool.submit(_worker_prepare, pid)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            pid, future = pending.popleft()
+            show(pid)
+            try:
+                record, logs = future.result()
+            except BrokenProcessPool:  # workers could not start (e.g. a script without a __main__ guard)
+                LOG.warning("slice cache: worker processes failed to start; preparing the patients in this process")
+                for rest in [pid] + [p for p, _ in pending] + list(todo):
+                    show(rest)
+                    yield rest, _prepare(source, cfg, tasks, rest)
+                return
+            for rec in logs:
+                logger = logging.getLogger(rec.name)
+                if logger.isEnabledFor(rec.levelno):
+                    logger.handle(rec)
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_worker_prepare, nxt)))
+            yield pid, record
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(cfg: "Config", level: int) -> None:
+    """In a cache-build worker: the source and tasks of ``cfg``, and logging collected for the parent."""
+    from mtlbench.assemble import make_source, make_tasks
+
+    root = logging.getLogger()
+    root.handlers[:] = [_Collect()]
+    root.setLevel(level)
+    _WORKER.update(cfg=cfg, source=make_source(cfg), tasks=make_tasks(cfg))
+
+
+def _worker_prepare(pid: str) -> tuple[CachedPatient, list[logging.LogRecord]]:
+    collect = logging.getLogger().handlers[0]
+    collect.records = []
+    record = _prepare(_WORKER["source"], _WORKER["cfg"], _WORKER["tasks"], pid)
+    return record, collect.records
+
+
+class _Collect(logging.Handler):
+    """Keeps a worker's log records (message formatted, so they pickle) for the parent to emit."""
+
+    records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None
+        record.exc_info = record.exc_text = None
+        self.records.append(record)
 
 
 def _write_header(f: Any, settings: dict[str, Any], ids: list[str], key: str) -> None:
