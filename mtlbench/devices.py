@@ -37,6 +37,14 @@ def choose_device(preference: str = "auto") -> str:
     return "cpu"
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where that is not known)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def set_threads(cpus: float | None) -> int:
     """Set torch's intra-op threads to the trial's CPU share (at least 1); return it."""
     import torch

@@ -495,15 +495,11 @@ PATIENTS_PER_WORKER = 4
 def build_workers(cfg: "Config", patients: int) -> int:
     """Processes that load and preprocess patients while a cache is built: ``resources.cache_workers``, or
     by default the CPUs this process may use, at most 8 and at most one per 4 patients; 0 means in this process."""
-    import os
+    from mtlbench.devices import available_cpus
 
     wanted = cfg.resources.cache_workers
     if wanted is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # pragma: no cover - not Linux
-            cpus = os.cpu_count() or 1
-        wanted = min(cpus, 8, patients // PATIENTS_PER_WORKER)
+        wanted = min(available_cpus(), 8, patients // PATIENTS_PER_WORKER)
     wanted = min(int(wanted), patients)
     return wanted if wanted > 1 else 0
 

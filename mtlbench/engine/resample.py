@@ -70,13 +70,12 @@ def labels_to_original(
                     prob, grid.expand(prob.shape[0], -1, -1, -1), mode="bilinear",
                     padding_mode="border", align_corners=False,
                 )
-                labels = channel_argmax(prob)
-                labels[:, outside] = 0
-                result[start : start + step] = labels.numpy()
-                continue
-            if (h, w) != (y_size, x_size):
+            elif (h, w) != (y_size, x_size):
                 prob = F.interpolate(prob, size=(y_size, x_size), mode="bilinear", align_corners=False)
-            result[start : start + step] = channel_argmax(prob).numpy()
+            labels = channel_argmax(prob)
+            if sampling is not None:
+                labels[:, outside] = 0
+            result[start : start + step] = labels.numpy()
     return result
 
 

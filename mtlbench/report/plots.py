@@ -105,12 +105,9 @@ class _Writers(list):
 
 def _writer_count() -> int:
     """Writer processes for make_plots: the CPUs this process may use, at most 4; 0 (write in-process) on one."""
-    import os
+    from mtlbench.devices import available_cpus
 
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
+    n = available_cpus()
     return 0 if n < 2 else min(n, 4)
 
 

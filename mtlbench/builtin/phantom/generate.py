@@ -65,11 +65,9 @@ def _make_patient(folder: Path, seed: int, index: int) -> dict[str, str]:
 def default_workers(patients: int) -> int:
     """Worker processes for ``patients`` patients: one per available core (at most 4), and none
     (in-process) below 4 patients, where starting workers (~1.5 s each) does not pay."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover (not Linux)
-        cores = os.cpu_count() or 1
-    return 1 if patients < 4 else max(1, min(cores, 4, patients))
+    from mtlbench.devices import available_cpus
+
+    return 1 if patients < 4 else max(1, min(available_cpus(), 4, patients))
 
 
 def _generate_into(folder: Path, patients: int, seed: int, progress: Callable[[int], None] | None,
